@@ -1,0 +1,181 @@
+"""The aggregation service: one new global model version per closed window, exactly once, across restarts.
+
+Loop: read a window from ``fl.windows``; fetch the accepted members' tensors from ``fl.updates.valid`` by the
+positions the window names; apply the configured rule to the deltas; evaluate; persist the version (the commit
+point); publish it to ``fl.models`` and Redis; only then commit the window's offset. A crash between persisting
+and committing re-delivers the window, which is then recognised as applied (its id is on the current version).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+from prometheus_client import Counter, Gauge, Histogram
+
+from aggregator.combine import aggregate_deltas
+from fedguard import records, registry
+from fedguard.modelstore import ModelStore, ModelVersion
+from fedguard.settings import Settings
+from fedguard.tasks import build_model, evaluate, get_flat_params, load_task, model_spec, set_flat_params
+
+log = logging.getLogger("fedguard.aggregator")
+
+MODEL_VERSION = Gauge("fedguard_model_version", "Current global model version")
+ACCURACY = Gauge("fedguard_model_accuracy", "Test accuracy of the current global model")
+LOSS = Gauge("fedguard_model_loss", "Test loss of the current global model")
+WINDOWS = Counter("fedguard_aggregator_windows_total", "Windows read", ["outcome"])
+ROUND_SECONDS = Histogram("fedguard_round_latency_seconds", "From a window's first update to its published version",
+                          buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
+AGGREGATE_SECONDS = Histogram("fedguard_aggregate_seconds", "Fetch + aggregate + evaluate + persist one window",
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+UPDATES_AGGREGATED = Counter("fedguard_updates_aggregated_total", "Updates that entered an aggregate")
+WINDOWS_OFFSET = Gauge("fedguard_aggregator_windows_offset", "Next offset to read on the windows topic", ["partition"])
+
+
+class AggregatorService:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = ModelStore(settings.models_dir)
+        self.redis = registry.connect(settings)
+        self.task = load_task(settings.task, seed=settings.seed)
+        self.spec = model_spec(self.task)
+        self.model = build_model(self.spec, seed=settings.seed)
+        big = settings.max_payload_bytes + 1024 * 1024
+        common = dict(bootstrap_servers=settings.kafka_bootstrap, client_id="fedguard-aggregator")
+        self.producer = KafkaProducer(acks="all", max_request_size=big, **common)
+        self.windows = KafkaConsumer(
+            group_id=f"fedguard-aggregator-{settings.model_id}", enable_auto_commit=False,
+            auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=2000,
+            max_partition_fetch_bytes=big, fetch_max_bytes=big, **common)
+        self.fetcher = KafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=big, fetch_max_bytes=big,
+                                     **common)
+        self.current: ModelVersion | None = None
+
+    # -- start-up ---------------------------------------------------------------------------------------------
+    def start(self) -> ModelVersion:
+        current = self.store.latest()
+        if current is None:
+            params = get_flat_params(self.model)
+            accuracy, loss = self._evaluate(params)
+            meta = self.store.save(0, params, self._meta(parent=None, window=None, accuracy=accuracy, loss=loss,
+                                                         accepted=0, members=0))
+            current = ModelVersion(meta=meta, params=params)
+            log.info("initialised version 0 (accuracy %.4f)", accuracy)
+        else:
+            log.info("resuming from persisted version %d", current.version)
+        self._publish(current)
+        self.windows.subscribe([self.settings.topics.windows])
+        return current
+
+    # -- main loop --------------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        self.start()
+        while not stop.is_set():
+            batch = self.windows.poll(timeout_ms=500)
+            for tp, messages in batch.items():
+                for message in messages:
+                    self.handle_window(records.loads(message.value))
+                    self.windows.commit({tp: OffsetAndMetadata(message.offset + 1, "", -1)})
+                    WINDOWS_OFFSET.labels(str(tp.partition)).set(message.offset + 1)
+
+    def handle_window(self, window: dict[str, Any]) -> ModelVersion | None:
+        current = self.current
+        assert current is not None
+        if window["window_id"] == current.meta.get("window_id") or window["base_version"] < current.version:
+            WINDOWS.labels("already_applied").inc()
+            log.info("window %s already applied (current version %d): skipped", window["window_id"], current.version)
+            return None
+        if window["base_version"] != current.version:
+            # Cannot happen while the validator rejects future base versions; refuse rather than guess.
+            WINDOWS.labels("out_of_order").inc()
+            log.error("window %s is for base %d but current is %d", window["window_id"], window["base_version"],
+                      current.version)
+            return None
+        started = time.perf_counter()
+        accepted = [m for m in window["members"] if m["verdict"] == "accept"]
+        deltas = self.fetch_updates(accepted)
+        counts = np.array([m["num_samples"] for m in accepted], dtype=np.float64)
+        params = current.params
+        result_info: dict[str, Any] = {}
+        if accepted:
+            delta, result_info = aggregate_deltas(self.settings.rule, deltas, counts, self.settings)
+            params = (current.params.astype(np.float64) + delta).astype(np.float32)
+        accuracy, loss = self._evaluate(params)
+        meta = self._meta(parent=current.version, window=window, accuracy=accuracy, loss=loss,
+                          accepted=len(accepted), members=len(window["members"]), info=result_info)
+        meta = self.store.save(current.version + 1, params, meta)
+        new = ModelVersion(meta=meta, params=params)
+        self._publish(new)
+        UPDATES_AGGREGATED.inc(len(accepted))
+        WINDOWS.labels("applied").inc()
+        AGGREGATE_SECONDS.observe(time.perf_counter() - started)
+        ROUND_SECONDS.observe(max(0.0, time.time() - window["opened_at"]))
+        log.info("version %d from window %s: %d/%d accepted, accuracy %.4f", new.version, window["window_id"],
+                 len(accepted), len(window["members"]), accuracy)
+        return new
+
+    def fetch_updates(self, members: list[dict[str, Any]]) -> np.ndarray:
+        """The members' tensors, read from ``fl.updates.valid`` at the positions the window names."""
+        wanted: dict[int, set[int]] = defaultdict(set)
+        for m in members:
+            wanted[m["valid"]["partition"]].add(m["valid"]["offset"])
+        found: dict[tuple[int, int], np.ndarray] = {}
+        for partition, offsets in wanted.items():
+            tp = TopicPartition(self.settings.topics.valid, partition)
+            self.fetcher.assign([tp])
+            self.fetcher.seek(tp, min(offsets))
+            missing, last = set(offsets), max(offsets)
+            deadline = time.monotonic() + 60
+            while missing and time.monotonic() < deadline:
+                for message in self.fetcher.poll(timeout_ms=1000).get(tp, []):
+                    if message.offset in missing:
+                        meta, tensor = records.decode_valid(message.value, self.spec.num_params)
+                        found[(partition, message.offset)] = tensor
+                        missing.discard(message.offset)
+                    if message.offset >= last:
+                        break
+            if missing:
+                raise RuntimeError(f"valid updates at partition {partition} offsets {sorted(missing)} not found")
+        out = np.empty((len(members), self.spec.num_params), dtype=np.float32)
+        for i, m in enumerate(members):
+            out[i] = found[(m["valid"]["partition"], m["valid"]["offset"])]
+        return out
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def _evaluate(self, params: np.ndarray) -> tuple[float, float]:
+        set_flat_params(self.model, params)
+        return evaluate(self.model, self.task.x_test, self.task.y_test)
+
+    def _meta(self, *, parent, window, accuracy, loss, accepted, members, info=None) -> dict[str, Any]:
+        return {
+            "model_id": self.settings.model_id, "parent": parent,
+            "round": 0 if parent is None else parent + 1,
+            "rule": self.settings.rule, "rule_params": {"sample_count_cap": self.settings.sample_count_cap},
+            "rule_info": info or {},
+            "window_id": window["window_id"] if window else None,
+            "window_closed_by": window["closed_by"] if window else None,
+            "members": members, "accepted": accepted,
+            "task": self.task.name, "metrics": {"accuracy": accuracy, "loss": loss},
+            "created_at": time.time(),
+        }
+
+    def _publish(self, version: ModelVersion) -> None:
+        self.redis.set(registry.model_version_key(self.settings), version.version)
+        self.producer.send(self.settings.topics.models, key=self.settings.model_id.encode(),
+                           value=records.dumps(version.meta)).get(timeout=30)
+        self.current = version
+        MODEL_VERSION.set(version.version)
+        ACCURACY.set(version.meta["metrics"]["accuracy"])
+        LOSS.set(version.meta["metrics"]["loss"])
+
+    def close(self) -> None:
+        for client in (self.windows, self.fetcher):
+            client.close()
+        self.producer.close(timeout=5)

@@ -1,0 +1,159 @@
+"""Settings shared by every fedguard service.
+
+One explicit configuration object, read from the environment (``FEDGUARD_*`` plus the two standard names
+``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL``) and overridable field by field from the CLI. Defaults avoid the
+standard ports (9092, 6379) so the embedded stack can run beside services that already listen there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Topics:
+    models: str = "fl.models"
+    raw: str = "fl.updates.raw"
+    valid: str = "fl.updates.valid"
+    rejected: str = "fl.updates.rejected"
+    # Internal: a small pointer to each valid record, keyed by model id, so the window stage is co-partitioned
+    # with its table (all updates of one model meet on one partition) without copying tensors.
+    valid_index: str = "fl.updates.valid.index"
+    windows: str = "fl.windows"
+    events: str = "fl.events"
+
+    def all(self) -> list[str]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the services meet.
+    kafka_bootstrap: str | None = None  # None: the embedded broker at 127.0.0.1:<broker_port>
+    redis_url: str | None = None  # None: the embedded Redis at 127.0.0.1:<redis_port>
+    data_dir: Path = Path(".fedguard")
+    topics: Topics = field(default_factory=Topics)
+    partitions: int = 4
+    redis_prefix: str = "fedguard"
+
+    # The learning task.
+    model_id: str = "fedguard"
+    task: str = "fashion-mnist"
+    seed: int = 0
+
+    # Device fleet.
+    num_devices: int = 100
+    devices_per_round: int = 10
+    dirichlet_alpha: float = 0.9
+    local_epochs: int | None = None  # None: the task's tuned default
+    local_lr: float | None = None
+    local_batch_size: int | None = None
+    round_timeout_s: float = 60.0
+
+    # Validation.
+    max_payload_bytes: int = 64 * 1024 * 1024
+    max_update_norm: float = 1.0e4
+    max_staleness: int = 0  # versions an update may lag behind the current global model
+    max_sample_count: int = 1_000_000
+    max_clock_skew_s: float = 300.0
+
+    # Windows.
+    window_size: int = 10
+    window_deadline_s: float = 30.0
+    detector_z_threshold: float = 3.5
+
+    # Aggregation.
+    rule: str = "fedavg"
+    sample_count_cap: int = 1000
+
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers, so Prometheus can scrape
+    # Ports (metrics: one per process; Faust's web server needs its own).
+    broker_port: int = 19092
+    redis_port: int = 16379
+    processors_web_port: int = 16066
+    processors_metrics_port: int = 19464
+    aggregator_metrics_port: int = 19465
+    fleet_metrics_port: int = 19466
+
+    def __post_init__(self) -> None:
+        if self.kafka_bootstrap is None:
+            object.__setattr__(self, "kafka_bootstrap", f"127.0.0.1:{self.broker_port}")
+        if self.redis_url is None:
+            object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+
+    def with_overrides(self, **overrides: Any) -> "Settings":
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        # Addresses derived from a port follow that port unless they were given explicitly.
+        if "broker_port" in clean and self.kafka_bootstrap == f"127.0.0.1:{self.broker_port}":
+            clean.setdefault("kafka_bootstrap", None)
+        if "redis_port" in clean and self.redis_url == f"redis://127.0.0.1:{self.redis_port}/0":
+            clean.setdefault("redis_url", None)
+        return dataclasses.replace(self, **clean)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models" / self.model_id
+
+    @property
+    def keystore_path(self) -> Path:
+        return self.data_dir / "devices.json"
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.data_dir / "server.key"
+
+    def redis_key(self, *parts: object) -> str:
+        return ":".join([self.redis_prefix, *map(str, parts)])
+
+
+def _cast(value: str, annotation: Any) -> Any:
+    text = str(annotation)
+    if "Path" in text:
+        return Path(value)
+    if "float" in text:
+        return float(value)
+    if "int" in text:
+        return int(value)
+    return value
+
+
+def from_env(env: dict[str, str] | None = None) -> Settings:
+    """Settings from ``FEDGUARD_<FIELD>`` variables (e.g. ``FEDGUARD_WINDOW_SIZE=20``)."""
+    env = dict(os.environ if env is None else env)
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name == "topics":
+            continue
+        raw = env.get(f"FEDGUARD_{f.name.upper()}")
+        if raw is not None and raw != "":
+            values[f.name] = _cast(raw, f.type)
+    if env.get("KAFKA_BOOTSTRAP_SERVERS"):
+        values["kafka_bootstrap"] = env["KAFKA_BOOTSTRAP_SERVERS"]
+    if env.get("REDIS_URL"):
+        values["redis_url"] = env["REDIS_URL"]
+    topic_values = {
+        f.name: env[f"FEDGUARD_TOPIC_{f.name.upper()}"]
+        for f in fields(Topics)
+        if env.get(f"FEDGUARD_TOPIC_{f.name.upper()}")
+    }
+    return Settings(topics=Topics(**topic_values), **values)
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The inverse of :func:`from_env`: how a launcher hands its settings to child processes."""
+    env: dict[str, str] = {}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if f.name == "topics":
+            for tf in fields(Topics):
+                env[f"FEDGUARD_TOPIC_{tf.name.upper()}"] = getattr(value, tf.name)
+        elif value is not None:
+            env[f"FEDGUARD_{f.name.upper()}"] = str(value)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap
+    env["REDIS_URL"] = settings.redis_url
+    return env

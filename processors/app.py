@@ -1,0 +1,161 @@
+"""The Faust app: validation agent, window stage and their metrics.
+
+Two agents, each a short ``async for``:
+
+* ``validate`` reads ``fl.updates.raw`` and writes every record to exactly one of ``fl.updates.valid`` (the decoded
+  tensor) or ``fl.updates.rejected`` (reason code and detail); for a valid one it also writes a small pointer to
+  ``fl.updates.valid.index``, keyed by model id.
+* ``collect`` reads that index and keeps the open windows in a table keyed by model id (co-partitioned with the
+  index), closing each on count; a timer closes windows on their deadline. Closed windows go to ``fl.windows``.
+
+Delivery is at-least-once (the embedded broker cannot run Faust's exactly-once, see BROKER.md): every output carries
+the raw record's position and update id so a consumer can tell a re-delivery from a new record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge, Histogram
+
+from fedguard import records
+from fedguard.keys import load_or_create_server_key
+from fedguard.envelope import parse
+from fedguard.reasons import Reason, RejectError
+from fedguard.settings import Settings
+from fedguard.tasks import load_task, model_spec
+from processors.validation import CHECKS, Validator
+from processors import windows as W
+
+log = logging.getLogger("fedguard.processors")
+
+RECEIVED = Counter("fedguard_updates_received_total", "Records read from the raw updates topic")
+VALID = Counter("fedguard_updates_valid_total", "Updates that passed validation")
+REJECTED = Counter("fedguard_updates_rejected_total", "Records rejected by the validator", ["reason"])
+VALIDATE_SECONDS = Histogram("fedguard_validate_seconds", "Time to validate one record",
+                             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+RAW_OFFSET = Gauge("fedguard_processors_raw_offset", "Last raw-topic offset processed", ["partition"])
+WINDOWS_CLOSED = Counter("fedguard_windows_closed_total", "Windows closed", ["closed_by"])
+WINDOW_SIZE = Histogram("fedguard_window_members", "Members per closed window", buckets=(1, 2, 5, 10, 20, 50, 100))
+WINDOW_FLAGGED = Counter("fedguard_window_flagged_total", "Window members flagged by the detectors")
+LATE_UPDATES = Counter("fedguard_window_late_updates_total", "Valid updates whose base version's window had closed")
+OPEN_WINDOWS = Gauge("fedguard_windows_open", "Windows currently open")
+
+
+def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
+    spec = model_spec(load_task(settings.task, seed=settings.seed))  # the task actually available
+    app = faust.App(
+        f"fedguard-processors-{settings.model_id}",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        topic_partitions=settings.partitions,
+        table_standby_replicas=0,  # a standby's copy must not be closed by its timer too
+        broker_session_timeout=6.0,  # BROKER.md: group joins are held for half the session timeout
+        broker_heartbeat_interval=2.0,
+        producer_max_batch_size=1,  # BROKER.md: required, or table state is lost when partitions move
+        producer_max_request_size=settings.max_payload_bytes + 1024 * 1024,
+        consumer_max_fetch_size=settings.max_payload_bytes + 1024 * 1024,
+        web_port=web_port or settings.processors_web_port,
+        web_host="127.0.0.1",
+        key_serializer="raw",
+        value_serializer="json",  # the window table; every topic below carries bytes we encode ourselves
+    )
+    t = settings.topics
+    raw_topic, valid_topic, rejected_topic, index_topic, windows_topic = (
+        app.topic(name, key_serializer="raw", value_serializer="raw")
+        for name in (t.raw, t.valid, t.rejected, t.valid_index, t.windows))
+    window_table = app.Table("windows", default=None, use_partitioner=True, partitions=settings.partitions)
+    state: dict[str, Any] = {}
+
+    @app.task
+    async def connect() -> None:
+        server_key = load_or_create_server_key(settings.server_key_path)
+        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        state["validator"] = Validator(settings, server_key, spec.num_params, client)
+
+    async def reject(raw_position: dict[str, int], key: bytes | None, err: RejectError, device_id: str | None):
+        REJECTED.labels(err.reason.value).inc()
+        await rejected_topic.send(key=key, value=records.dumps({
+            "raw": raw_position, "device_id": device_id, "reason": err.reason.value, "detail": err.detail,
+            "rejected_at": time.time()}), force=True)
+
+    @app.agent(raw_topic)
+    async def validate(stream):
+        async for event in stream.events():
+            msg = event.message
+            position = {"partition": msg.partition, "offset": msg.offset}
+            RECEIVED.inc()
+            started = time.perf_counter()
+            try:
+                update = await state["validator"].validate(event.value, event.key)
+            except RejectError as err:
+                await reject(position, event.key, err, _claimed_device(event.value))
+            except Exception as exc:  # never let one record stop the pipeline
+                log.exception("validator failed on raw record %s", position)
+                await reject(position, event.key, RejectError(Reason.MALFORMED, f"validator error: {exc!r}"), None)
+            else:
+                h = update.header
+                meta = {"update_id": h.update_id, "device_id": h.device_id, "model_id": h.model_id,
+                        "base_version": h.base_version, "seq": h.seq, "num_samples": h.num_samples,
+                        "timestamp": h.timestamp, "norm": update.norm, "raw": position, "checks": list(CHECKS)}
+                sent = await (await valid_topic.send(key=h.device_id.encode(), value=records.encode_valid(
+                    meta, update.tensor), force=True))
+                await index_topic.send(key=h.model_id.encode(), value=records.dumps({
+                    "update_id": h.update_id, "device_id": h.device_id, "base_version": h.base_version,
+                    "num_samples": h.num_samples, "norm": update.norm, "raw": position,
+                    "valid": {"partition": sent.partition, "offset": sent.offset}}), force=True)
+                VALID.inc()
+            VALIDATE_SECONDS.observe(time.perf_counter() - started)
+            RAW_OFFSET.labels(str(msg.partition)).set(msg.offset)
+
+    async def close(model_id: str, window_state: W.State, base_version: int) -> W.State:
+        window_state, record = W.close_window(window_state, base_version, model_id, time.time(),
+                                              settings.window_size, settings.detector_z_threshold)
+        await windows_topic.send(key=model_id.encode(), value=records.dumps(record), force=True)
+        WINDOWS_CLOSED.labels(record["closed_by"]).inc()
+        WINDOW_SIZE.observe(len(record["members"]))
+        WINDOW_FLAGGED.inc(record["detector"]["flagged"])
+        log.info("closed window %s with %d members (%s)", record["window_id"], len(record["members"]),
+                 record["closed_by"])
+        return window_state
+
+    @app.agent(index_topic)
+    async def collect(stream):
+        async for event in stream.events():
+            entry = records.loads(event.value)
+            model_id = event.key.decode()
+            window_state = window_table.get(model_id) or W.empty_state()
+            window_state, outcome = W.add_member(window_state, entry, time.time(), settings.window_size)
+            if outcome == "late":
+                LATE_UPDATES.inc()
+            elif outcome == "full":
+                window_state = await close(model_id, window_state, int(entry["base_version"]))
+            window_table[model_id] = window_state
+            OPEN_WINDOWS.set(len(window_state["open"]))
+
+    @app.timer(interval=0.5)
+    async def close_on_deadline() -> None:
+        now = time.time()
+        for model_id, window_state in list(window_table.items()):
+            if not window_state:
+                continue
+            due = W.due_windows(window_state, now, settings.window_size, settings.window_deadline_s)
+            for base_version in due:
+                window_state = await close(model_id, window_state, base_version)
+            if due:
+                window_table[model_id] = window_state
+                OPEN_WINDOWS.set(len(window_state["open"]))
+
+    return app
+
+
+def _claimed_device(raw: bytes | None) -> str | None:
+    """The device id a rejected record claims, for the dead letter (unauthenticated: for operators, not trust)."""
+    try:
+        return parse(raw, 1 << 62).header.device_id
+    except Exception:
+        return None

@@ -1,0 +1,158 @@
+"""The simulated device fleet.
+
+Each device owns a non-IID shard of the task's training set (Dirichlet(alpha) split). For every new global version
+on ``fl.models`` the fleet samples ``devices_per_round`` devices (a fraction C of the fleet, as in FedAvg), each
+trains locally from that version and publishes its delta, sealed in the envelope, to ``fl.updates.raw``. If no new
+version arrives within ``round_timeout_s`` (e.g. every update was rejected) it samples again on the same version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
+
+from fedguard import envelope, records, registry
+from fedguard.codec import encode_tensor
+from fedguard.envelope import UpdateHeader
+from fedguard.keys import private_from_hex, public_from_hex
+from fedguard.modelstore import load_weights
+from fedguard.settings import Settings
+from fedguard.tasks import (DEFAULT_TRAINING, build_model, dirichlet_split, get_flat_params, load_task,
+                            local_train, model_spec, set_flat_params)
+from producers.enroll import device_ids
+from producers.keystore import Keystore
+
+log = logging.getLogger("fedguard.fleet")
+
+SENT = Counter("fedguard_fleet_updates_sent_total", "Updates published by the fleet")
+TRAIN_SECONDS = Histogram("fedguard_fleet_train_seconds", "Local training time per device and round",
+                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+ROUND = Gauge("fedguard_fleet_base_version", "Global version the fleet last trained from")
+RESAMPLED = Counter("fedguard_fleet_round_retries_total", "Rounds sampled again after the round timeout")
+
+
+def models_consumer(settings: Settings, client_id: str) -> KafkaConsumer:
+    """A group-less consumer of ``fl.models`` positioned at the beginning of every partition."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, client_id=client_id,
+                             enable_auto_commit=False)
+    partitions = consumer.partitions_for_topic(settings.topics.models) or {0}
+    tps = [TopicPartition(settings.topics.models, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    return consumer
+
+
+class Fleet:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.keystore = Keystore.load(settings.keystore_path)
+        self.ids = device_ids(settings.num_devices)
+        missing = [d for d in self.ids if d not in self.keystore.devices]
+        if missing:
+            raise RuntimeError(f"{len(missing)} devices are not enrolled (e.g. {missing[0]}); "
+                               f"run `fedguard devices enroll --count {settings.num_devices}`")
+        server_hex = registry.connect(settings).get(registry.server_public_key(settings))
+        if not server_hex:
+            raise RuntimeError("the server public key is not in Redis; start the stack with `fedguard up`")
+        server_public = public_from_hex(server_hex)
+        self.aead_keys = {d: envelope.derive_key(private_from_hex(self.keystore.devices[d].private_key),
+                                                 server_public, d) for d in self.ids}
+        self.task = load_task(settings.task, seed=settings.seed)
+        self.spec = model_spec(self.task)
+        self.model = build_model(self.spec, seed=settings.seed)
+        rng = np.random.default_rng(settings.seed)
+        self.shards = dirichlet_split(self.task.y_train, settings.num_devices, settings.dirichlet_alpha, rng)
+        defaults = DEFAULT_TRAINING[self.task.name]
+        self.epochs = settings.local_epochs or defaults["epochs"]
+        self.lr = settings.local_lr or defaults["lr"]
+        self.batch_size = settings.local_batch_size or defaults["batch_size"]
+        self.momentum = defaults.get("momentum", 0.0)
+        self.producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, client_id="fedguard-fleet",
+                                      acks="all", linger_ms=5, max_request_size=settings.max_payload_bytes)
+        self.models = models_consumer(settings, "fedguard-fleet-models")
+        self.latest: dict[str, Any] | None = None
+
+    def poll_models(self, timeout_ms: int = 500) -> dict[str, Any] | None:
+        for messages in self.models.poll(timeout_ms=timeout_ms).values():
+            for message in messages:
+                meta = records.loads(message.value)
+                if meta.get("model_id") == self.settings.model_id and (
+                        self.latest is None or meta["version"] > self.latest["version"]):
+                    self.latest = meta
+        return self.latest
+
+    def run(self, stop: threading.Event) -> None:
+        trained_version, attempt, last_round_at = -1, 0, 0.0
+        while not stop.is_set():
+            latest = self.poll_models()
+            if latest is None:
+                continue
+            if latest["version"] > trained_version:
+                attempt = 0
+            elif time.monotonic() - last_round_at > self.settings.round_timeout_s:
+                attempt += 1
+                RESAMPLED.inc()
+                log.warning("no new version %ds after training on %d: sampling again", self.settings.round_timeout_s,
+                            latest["version"])
+            else:
+                continue
+            self.run_round(latest, attempt, stop)
+            trained_version, last_round_at = latest["version"], time.monotonic()
+
+    def select(self, version: int, attempt: int) -> list[int]:
+        rng = np.random.default_rng([self.settings.seed, version, attempt])
+        return sorted(rng.choice(self.settings.num_devices, self.settings.devices_per_round, replace=False).tolist())
+
+    def run_round(self, meta: dict[str, Any], attempt: int = 0, stop: threading.Event | None = None) -> int:
+        base = load_weights(meta["path"], meta["sha256"])
+        version = int(meta["version"])
+        sent = 0
+        for index in self.select(version, attempt):
+            if stop is not None and stop.is_set():
+                break
+            device_id = self.ids[index]
+            delta, num_samples = self.train(index, base, seed=(self.settings.seed * 1_000_003 + version * 1009 + index) % 2**31)
+            self.publish(device_id, version, delta, num_samples)
+            sent += 1
+        self.producer.flush()
+        self.keystore.save()
+        ROUND.set(version)
+        log.info("trained on version %d (attempt %d): %d updates sent", version, attempt, sent)
+        return sent
+
+    def train(self, index: int, base: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
+        shard = self.shards[index]
+        set_flat_params(self.model, base)
+        started = time.perf_counter()
+        local_train(self.model, self.task.x_train[shard], self.task.y_train[shard], epochs=self.epochs, lr=self.lr,
+                    batch_size=self.batch_size, seed=seed, momentum=self.momentum)
+        TRAIN_SECONDS.observe(time.perf_counter() - started)
+        return get_flat_params(self.model) - base, int(len(shard))
+
+    def publish(self, device_id: str, base_version: int, delta: np.ndarray, num_samples: int) -> UpdateHeader:
+        keys = self.keystore.devices[device_id]
+        # Microseconds since the epoch: strictly increasing even if a crash lost the saved counter.
+        keys.seq = max(keys.seq + 1, time.time_ns() // 1000)
+        header = UpdateHeader.new(device_id=device_id, seq=keys.seq, base_version=base_version,
+                                  num_samples=num_samples, model_id=self.settings.model_id)
+        sealed = envelope.seal(header, encode_tensor(delta.astype(np.float32)), self.aead_keys[device_id])
+        self.producer.send(self.settings.topics.raw, key=device_id.encode(), value=sealed)
+        SENT.inc()
+        return header
+
+    def close(self) -> None:
+        self.keystore.save()
+        self.producer.close(timeout=5)
+        self.models.close()
+
+
+def configure_torch() -> None:
+    # Several services share two cores: one thread each avoids oversubscription.
+    torch.set_num_threads(1)

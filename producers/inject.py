@@ -1,0 +1,82 @@
+"""Wire-level attack traffic for a running pipeline: what a hostile network or participant puts on the raw topic.
+
+* ``garbage``: random bytes, and truncated or mangled envelopes.
+* ``tamper``: a real update captured from the raw topic with one ciphertext bit flipped.
+* ``replay``: a real update captured from the raw topic, sent again unchanged.
+
+Each returns how many records it sent; the validator must reject every one with its reason code while honest
+traffic keeps flowing. (Model-poisoning attacks by enrolled devices live in the attack library.)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from fedguard import envelope
+from fedguard.settings import Settings
+
+KINDS = ("garbage", "tamper", "replay")
+
+
+def capture_raw(settings: Settings, count: int, timeout_s: float = 10.0) -> list[tuple[bytes, bytes]]:
+    """The last ``count`` well-formed envelopes on the raw topic, as (key, value); reads until the topic is idle."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                             client_id="fedguard-inject", max_partition_fetch_bytes=settings.max_payload_bytes,
+                             fetch_max_bytes=settings.max_payload_bytes)
+    try:
+        partitions = consumer.partitions_for_topic(settings.topics.raw) or set()
+        tps = [TopicPartition(settings.topics.raw, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        captured: list[tuple[float, bytes, bytes]] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=1000)
+            if not batch and captured:
+                break  # idle: counting what we read, not trusting end offsets (BROKER.md)
+            for messages in batch.values():
+                for m in messages:
+                    try:
+                        envelope.parse(m.value, settings.max_payload_bytes)
+                    except Exception:
+                        continue
+                    captured.append((m.timestamp, m.key, m.value))
+        captured.sort(key=lambda item: item[0])
+        return [(k, v) for _, k, v in captured[-count:]]
+    finally:
+        consumer.close()
+
+
+def flip_bit(value: bytes, position: int) -> bytes:
+    mutable = bytearray(value)
+    mutable[position] ^= 0x01
+    return bytes(mutable)
+
+
+def make_records(settings: Settings, kind: str, count: int, seed: int | None = None) -> list[tuple[bytes | None, bytes]]:
+    if kind == "garbage":
+        return [(b"garbage-%d" % i, os.urandom(64 + i % 512)) for i in range(count)]
+    captured = capture_raw(settings, count)
+    if not captured:
+        raise RuntimeError(f"no update on {settings.topics.raw} to {kind}; is the fleet running?")
+    if kind == "replay":
+        return captured
+    if kind == "tamper":
+        return [(k, flip_bit(v, len(v) - envelope.TAG_BYTES - 1)) for k, v in captured]
+    raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
+
+
+def inject(settings: Settings, kind: str, count: int) -> int:
+    records = make_records(settings, kind, count)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, client_id="fedguard-inject", acks="all",
+                             max_request_size=settings.max_payload_bytes)
+    try:
+        for key, value in records:
+            producer.send(settings.topics.raw, key=key, value=value)
+        producer.flush()
+    finally:
+        producer.close(timeout=5)
+    return len(records)
