@@ -6,7 +6,7 @@ Every key is namespaced by ``Settings.redis_prefix`` (default ``fedguard``):
 |---|---|---|
 | ``fedguard:device:<id>`` | hash | ``public_key`` (X25519, hex), ``status`` (active, quarantined, revoked), ``enrolled_at`` |
 | ``fedguard:devices`` | set | every enrolled device id |
-| ``fedguard:seq:<id>`` | hash | ``seq`` and ``update_id`` of the last accepted update (replay protection) |
+| ``fedguard:seq:<id>`` | hash | ``seq`` of the last accepted update and ``update_id`` as ``<update id>@<raw partition>:<offset>`` (replay protection) |
 | ``fedguard:server:public_key`` | string | the server's X25519 public key (hex) that devices seal to |
 | ``fedguard:model:<model id>:version`` | string | the current global model version, written by the aggregator |
 """
@@ -23,8 +23,8 @@ ACTIVE = "active"
 QUARANTINED = "quarantined"
 REVOKED = "revoked"
 
-# Accept seq only if it is above the last accepted one. The same update id again is the same record processed
-# twice (at-least-once delivery after a worker crash), not a replay, so it gets the same answer.
+# Accept seq only if it is above the last accepted one. The same update id at the same raw position is the same
+# record processed twice (at-least-once delivery after a worker crash), not a replay, so it gets the same answer.
 ADVANCE_SEQ_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'seq')
 if cur and tonumber(ARGV[1]) <= tonumber(cur) then

@@ -91,7 +91,8 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
             RECEIVED.inc()
             started = time.perf_counter()
             try:
-                update = await state["validator"].validate(event.value, event.key)
+                update = await state["validator"].validate(event.value, event.key,
+                                                             f"{msg.partition}:{msg.offset}")
             except RejectError as err:
                 await reject(position, event.key, err, _claimed_device(event.value))
             except Exception as exc:  # never let one record stop the pipeline

@@ -50,7 +50,8 @@ class Validator:
             self._keys[cache_key] = envelope.derive_key(self.server_private, public_from_hex(public_hex), device_id)
         return self._keys[cache_key]
 
-    async def validate(self, raw: bytes | None, record_key: bytes | None) -> ValidUpdate:
+    async def validate(self, raw: bytes | None, record_key: bytes | None, position: str = "") -> ValidUpdate:
+        """Validate one raw record; ``position`` (raw partition:offset) tells a re-delivery from a replay."""
         s = self.settings
         sealed = envelope.parse(raw, s.max_payload_bytes)
         header = sealed.header
@@ -73,8 +74,11 @@ class Validator:
         if not 1 <= header.num_samples <= s.max_sample_count:
             raise RejectError(Reason.BAD_SAMPLE_COUNT, f"sample count {header.num_samples} not in [1, {s.max_sample_count}]")
 
+        # The same update id at the same raw position is this record delivered again after a crash; the same
+        # update id anywhere else is a copy someone sent again.
+        delivery = f"{header.update_id}@{position}"
         last = await self.redis.hmget(registry.seq_key(s, header.device_id), "seq", "update_id")
-        if last[0] is not None and header.seq <= int(last[0]) and last[1] != header.update_id:
+        if last[0] is not None and header.seq <= int(last[0]) and last[1] != delivery:
             raise RejectError(Reason.REPLAY, f"sequence {header.seq} not above last accepted {last[0]}")
 
         if header.codec != CODEC_NAME:
@@ -101,7 +105,7 @@ class Validator:
                                             f"max staleness {s.max_staleness}")
 
         accepted = await self._advance_seq(keys=[registry.seq_key(s, header.device_id)],
-                                           args=[header.seq, header.update_id])
+                                           args=[header.seq, delivery])
         if not accepted:
             raise RejectError(Reason.REPLAY, f"sequence {header.seq} lost a race with a newer update")
         return ValidUpdate(header=header, tensor=tensor, norm=norm)

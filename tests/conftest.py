@@ -1,0 +1,112 @@
+"""Shared fixtures: a real Tansu broker and a real Redis for the session, fresh names and ports per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from fedguard import records
+from fedguard.settings import Settings, Topics
+from fedguard.stack import broker_binary, redis_binary, wait_for_port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    """A Tansu broker (memory storage) on a free loopback port, for the whole session."""
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("broker") / "broker.log", "wb")
+    proc = subprocess.Popen([broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                             "--storage-engine", "memory://tansu/"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, 30, proc)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server on a free port (FEDGUARD_TEST_REDIS_URL to use one that is already running)."""
+    if os.environ.get("FEDGUARD_TEST_REDIS_URL"):
+        yield os.environ["FEDGUARD_TEST_REDIS_URL"]
+        return
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, 15, proc)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def settings(broker, redis_url, tmp_path) -> Settings:
+    """Settings with this test's own topics, Redis namespace, model id, data dir and ports."""
+    tag = f"t{next(_counter)}{uuid.uuid4().hex[:6]}"
+    topics = Topics(**{name: f"{tag}.{value}" for name, value in Topics().__dict__.items()})
+    return Settings(kafka_bootstrap=broker, redis_url=redis_url, data_dir=tmp_path / "data", topics=topics,
+                    redis_prefix=f"fg-{tag}", model_id=f"m{tag}", task="synthetic", num_devices=6,
+                    devices_per_round=3, window_size=3, window_deadline_s=5.0, round_timeout_s=20.0,
+                    processors_web_port=free_port(), processors_metrics_port=free_port(),
+                    aggregator_metrics_port=free_port(), fleet_metrics_port=free_port())
+
+
+def read_topic(settings: Settings, topic: str, idle_s: float = 3.0, timeout_s: float = 60.0) -> list:
+    """Every record of ``topic`` from the beginning, read until nothing new arrives for ``idle_s``.
+
+    Counts what it consumed rather than trusting end offsets, which this broker reports wrongly (BROKER.md).
+    """
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                             max_partition_fetch_bytes=64 << 20, fetch_max_bytes=64 << 20)
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out, last_new, deadline = [], time.monotonic(), time.monotonic() + timeout_s
+        while time.monotonic() - last_new < idle_s and time.monotonic() < deadline:
+            for messages in consumer.poll(timeout_ms=500).values():
+                out.extend(messages)
+                last_new = time.monotonic()
+        return out
+    finally:
+        consumer.close()
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def json_values(messages) -> list[dict]:
+    return [records.loads(m.value) for m in messages]
