@@ -47,10 +47,7 @@ _SETTING_ARGS = ("data_dir", "task", "num_devices", "devices_per_round", "dirich
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    settings = from_env().with_overrides(**{k: getattr(args, k, None) for k in _SETTING_ARGS})
-    if args.window_size is None and "FEDGUARD_WINDOW_SIZE" not in os.environ:
-        settings = settings.with_overrides(window_size=settings.devices_per_round)
-    return settings
+    return from_env().with_overrides(**{k: getattr(args, k, None) for k in _SETTING_ARGS})
 
 
 def _stop_event() -> threading.Event:

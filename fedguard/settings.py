@@ -62,7 +62,7 @@ class Settings:
     max_clock_skew_s: float = 300.0
 
     # Windows.
-    window_size: int = 10
+    window_size: int | None = None  # None: devices_per_round, one window per round
     window_deadline_s: float = 30.0
     detector_z_threshold: float = 3.5
 
@@ -84,6 +84,8 @@ class Settings:
             object.__setattr__(self, "kafka_bootstrap", f"127.0.0.1:{self.broker_port}")
         if self.redis_url is None:
             object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
+        if self.window_size is None:
+            object.__setattr__(self, "window_size", self.devices_per_round)
         object.__setattr__(self, "data_dir", Path(self.data_dir))
 
     def with_overrides(self, **overrides: Any) -> "Settings":
@@ -93,6 +95,8 @@ class Settings:
             clean.setdefault("kafka_bootstrap", None)
         if "redis_port" in clean and self.redis_url == f"redis://127.0.0.1:{self.redis_port}/0":
             clean.setdefault("redis_url", None)
+        if "devices_per_round" in clean and self.window_size == self.devices_per_round:
+            clean.setdefault("window_size", None)
         return dataclasses.replace(self, **clean)
 
     @property
@@ -149,6 +153,8 @@ def to_env(settings: Settings) -> dict[str, str]:
     env: dict[str, str] = {}
     for f in fields(Settings):
         value = getattr(settings, f.name)
+        if f.name == "window_size" and value == settings.devices_per_round:
+            continue  # derived: stays in step with devices_per_round
         if f.name == "topics":
             for tf in fields(Topics):
                 env[f"FEDGUARD_TOPIC_{tf.name.upper()}"] = getattr(value, tf.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -17,6 +18,10 @@ from kafka import KafkaConsumer, TopicPartition
 from fedguard import records
 from fedguard.settings import Settings, Topics
 from fedguard.stack import broker_binary, redis_binary, wait_for_port
+
+
+# kafka-python logs every closed connection at ERROR; on a failure that would bury the assertion.
+logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
 
 def free_port() -> int:

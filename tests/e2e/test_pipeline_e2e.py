@@ -7,6 +7,7 @@ rejected, each attack got its reason code, and the version chain has no gap and 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -118,3 +119,19 @@ def to_env_for_up(tmp_path) -> dict[str, str]:
                         aggregator_metrics_port=free_port(), fleet_metrics_port=free_port())
     skip = ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "FEDGUARD_KAFKA_BOOTSTRAP", "FEDGUARD_REDIS_URL")
     return {k: v for k, v in to_env(settings).items() if k not in skip}
+
+
+def test_demo_runs_rounds_prints_lines_and_writes_the_plot(tmp_path):
+    env = {**os.environ, **to_env_for_up(tmp_path)}
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL"):
+        env.pop(name, None)
+    plot = tmp_path / "demo.png"
+    out = subprocess.run([sys.executable, "-m", "fedguard.cli", "demo", "--rounds", "3", "--task", "synthetic",
+                          "--devices", "6", "--per-round", "3", "--plot", str(plot)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("round ")] == ["1", "2", "3"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(plot.with_suffix(".json").read_text())
+    assert summary["rounds"] == 3 and summary["task"] == "synthetic"
+    assert [r["version"] for r in summary["rounds_detail"]] == [1, 2, 3]
