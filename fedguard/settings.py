@@ -68,6 +68,7 @@ class Settings:
 
     # Aggregation.
     rule: str = "fedavg"
+    rule_params: str = ""  # JSON object of the rule's parameters, e.g. {"f": 2} for krum
     sample_count_cap: int = 1000
 
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers, so Prometheus can scrape
