@@ -19,11 +19,13 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
-from aggregator.combine import aggregate_deltas
+from aggregator.combine import ConfiguredRule, WindowInputs
+from aggregator.rules import PreconditionError
 from fedguard import records, registry
 from fedguard.modelstore import ModelStore, ModelVersion
 from fedguard.settings import Settings
-from fedguard.tasks import build_model, evaluate, get_flat_params, load_task, model_spec, set_flat_params
+from fedguard.tasks import (DEFAULT_TRAINING, build_model, evaluate, get_flat_params, load_task, local_train,
+                            model_spec, set_flat_params)
 
 log = logging.getLogger("fedguard.aggregator")
 
@@ -42,6 +44,7 @@ WINDOWS_OFFSET = Gauge("fedguard_aggregator_windows_offset", "Next offset to rea
 class AggregatorService:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.rule = ConfiguredRule(settings.rule, settings.rule_params, settings.sample_count_cap)
         self.store = ModelStore(settings.models_dir)
         self.redis = registry.connect(settings)
         self.task = load_task(settings.task, seed=settings.seed)
@@ -101,12 +104,21 @@ class AggregatorService:
         started = time.perf_counter()
         accepted = [m for m in window["members"] if m["verdict"] == "accept"]
         deltas = self.fetch_updates(accepted)
-        counts = np.array([m["num_samples"] for m in accepted], dtype=np.float64)
-        params = current.params
-        result_info: dict[str, Any] = {}
-        if accepted:
-            delta, result_info = aggregate_deltas(self.settings.rule, deltas, counts, self.settings)
-            params = (current.params.astype(np.float64) + delta).astype(np.float32)
+        params, result_info = current.params, {"selected": []}
+        if len(accepted) < self.rule.min_updates:
+            result_info["skipped"] = (f"{len(accepted)} accepted updates, rule {self.rule.name} needs "
+                                      f"{self.rule.min_updates}: version unchanged")
+        else:
+            try:
+                result = self.rule(deltas, self._inputs(accepted, current))
+            except PreconditionError as exc:
+                result_info["skipped"] = f"{exc}: version unchanged"
+            else:
+                params = (current.params.astype(np.float64) + result.vector).astype(np.float32)
+                result_info = {"selected": [accepted[i]["device_id"] for i in result.selected], **result.info}
+        if "skipped" in result_info:
+            WINDOWS.labels("rule_skipped").inc()
+            log.warning("window %s: %s", window["window_id"], result_info["skipped"])
         accuracy, loss = self._evaluate(params)
         meta = self._meta(parent=current.version, window=window, accuracy=accuracy, loss=loss,
                           accepted=len(accepted), members=len(window["members"]), info=result_info)
@@ -148,6 +160,39 @@ class AggregatorService:
             out[i] = found[(m["valid"]["partition"], m["valid"]["offset"])]
         return out
 
+    # -- per-window inputs of the rules ---------------------------------------------------------------------
+    def _inputs(self, accepted: list[dict[str, Any]], current: ModelVersion) -> WindowInputs:
+        return WindowInputs(
+            sample_counts=np.array([m["num_samples"] for m in accepted], dtype=np.float64),
+            rng=np.random.default_rng([self.settings.seed, current.version]),
+            center=lambda: self._previous_aggregate(current),
+            server_update=lambda: self._server_update(current),
+            trust_scores=lambda: self._trust_scores(accepted))
+
+    def _previous_aggregate(self, current: ModelVersion) -> np.ndarray:
+        """The last applied aggregate (centered clipping's starting point): v - parent(v), zero at version 0."""
+        if current.meta.get("parent") is None:
+            return np.zeros_like(current.params, dtype=np.float64)
+        parent = self.store.load(int(current.meta["parent"]))
+        return current.params.astype(np.float64) - parent.params
+
+    def _server_update(self, current: ModelVersion, root_size: int = 100) -> np.ndarray:
+        """FLTrust's server update (Cao et al. 2021, Alg. 1): the same local training on a small root dataset."""
+        rng = np.random.default_rng(self.settings.seed)
+        root = rng.choice(len(self.task.y_train), size=min(root_size, len(self.task.y_train)), replace=False)
+        hp = DEFAULT_TRAINING[self.task.name]
+        set_flat_params(self.model, current.params)
+        local_train(self.model, self.task.x_train[root], self.task.y_train[root], epochs=hp["epochs"], lr=hp["lr"],
+                    batch_size=hp["batch_size"], seed=current.version, momentum=hp.get("momentum", 0.0))
+        return get_flat_params(self.model).astype(np.float64) - current.params
+
+    def _trust_scores(self, accepted: list[dict[str, Any]]) -> np.ndarray:
+        """Trust per member from the Redis reputation hash (``trust``, in [0, 1]; 1.0 while a device has none)."""
+        pipe = self.redis.pipeline()
+        for m in accepted:
+            pipe.hget(self.settings.redis_key("reputation", m["device_id"]), "trust")
+        return np.array([1.0 if t is None else float(t) for t in pipe.execute()], dtype=np.float64)
+
     # -- helpers ----------------------------------------------------------------------------------------------
     def _evaluate(self, params: np.ndarray) -> tuple[float, float]:
         set_flat_params(self.model, params)
@@ -157,7 +202,7 @@ class AggregatorService:
         return {
             "model_id": self.settings.model_id, "parent": parent,
             "round": 0 if parent is None else parent + 1,
-            "rule": self.settings.rule, "rule_params": {"sample_count_cap": self.settings.sample_count_cap},
+            "rule": self.rule.name, "rule_params": self.rule.config,
             "rule_info": info or {},
             "window_id": window["window_id"] if window else None,
             "window_closed_by": window["closed_by"] if window else None,

@@ -35,6 +35,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--local-epochs", type=int)
     g.add_argument("--local-lr", type=float)
     g.add_argument("--local-batch-size", type=int)
+    g.add_argument("--rule", help="aggregation rule: fedavg, norm_clip, coordinate_median, trimmed_mean, krum, "
+                   "multi_krum, geometric_median, bulyan, centered_clipping, fltrust, flame, dp_gaussian, "
+                   "reputation_weighted")
+    g.add_argument("--rule-params", help='JSON object of the rule\'s parameters, e.g. \'{"f": 2}\'')
     g.add_argument("--seed", type=int)
     g.add_argument("--broker-port", type=int)
     g.add_argument("--redis-port", type=int)
@@ -42,7 +46,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 _SETTING_ARGS = ("data_dir", "task", "num_devices", "devices_per_round", "dirichlet_alpha", "window_size",
-                 "window_deadline_s", "local_epochs", "local_lr", "local_batch_size", "seed", "broker_port",
+                 "window_deadline_s", "local_epochs", "local_lr", "local_batch_size", "rule", "rule_params", "seed",
+                 "broker_port",
                  "redis_port")
 
 

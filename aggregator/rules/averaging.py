@@ -1,0 +1,240 @@
+"""Rules that are (clipped, weighted, noised) averages of the updates:
+FedAvg, norm clipping, DP-FedAvg's Gaussian mechanism, reputation weighting
+and centered clipping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._common import (
+    AggregateResult,
+    PreconditionError,
+    as_member_vector,
+    as_param_vector,
+    as_updates,
+    check_finite_stats,
+    check_int,
+    check_real,
+    combine,
+    make_rng,
+    result,
+    row_distances,
+    sq_norms,
+    to_list,
+)
+
+__all__ = ["centered_clipping", "dp_gaussian", "fedavg", "norm_clip", "reputation_weighted"]
+
+
+def _clip_scales(norms: np.ndarray, s: float) -> np.ndarray:
+    """``min(1, s / ||x_i||)``; a zero-norm update keeps scale 1."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(norms > s, s / np.where(norms > 0, norms, 1.0), 1.0)
+    return scale
+
+
+def fedavg(
+    updates: np.ndarray,
+    sample_counts: Any = None,
+    cap: float | None = None,
+) -> AggregateResult:
+    r"""Federated averaging with capped sample counts.
+
+    Definition (McMahan et al., "Communication-Efficient Learning of Deep
+    Networks from Decentralized Data", AISTATS 2017, Algorithm 1, server
+    step :math:`w \leftarrow \sum_k \frac{n_k}{n} w_k`):
+
+    .. math::  \mathrm{agg} = \sum_i \frac{\min(c_i, \mathrm{cap})}{\sum_j \min(c_j, \mathrm{cap})}\, x_i
+
+    The counts :math:`c_i` are *reported by the clients*: an attacker can claim
+    a huge count to dominate the average, so they are capped at ``cap``
+    (``cap=None``: no cap, the paper's rule).  ``sample_counts=None`` gives
+    the plain, unweighted mean.  Not robust: one member can move the result
+    arbitrarily far.
+
+    Preconditions: counts finite, non-negative, one per update, not all zero
+    (after capping); ``cap > 0``.
+
+    ``selected`` = members with a non-zero (capped) count; ``info``:
+    ``weights`` (normalised, per member), ``n_capped``.
+    """
+    x = as_updates(updates, check_finite=False)
+    n = x.shape[0]
+    if sample_counts is None:
+        counts = np.ones(n)
+    else:
+        counts = as_member_vector("sample_counts", sample_counts, n, nonneg=True)
+    n_capped = 0
+    if cap is not None:
+        cap = check_real("cap", cap, low=0.0, low_open=True)
+        n_capped = int((counts > cap).sum())
+        counts = np.minimum(counts, cap)
+    total = counts.sum()
+    if total <= 0:
+        raise PreconditionError("all sample counts are zero: nothing to average")
+    w = counts / total
+    vec = combine(x, w)
+    check_finite_stats(vec)
+    return result(vec, np.flatnonzero(w), {"weights": to_list(w), "n_capped": n_capped}, "fedavg")
+
+
+def norm_clip(updates: np.ndarray, max_norm: float | None = None) -> AggregateResult:
+    r"""Norm clipping ("norm thresholding") then averaging.
+
+    Definition (Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor
+    Federated Learning?", arXiv:1911.07963, 2019, Sec. 3 "norm thresholding
+    of updates"):
+
+    .. math::  \mathrm{agg} = \frac1n \sum_i x_i \min\Bigl(1, \frac{S}{\lVert x_i\rVert_2}\Bigr)
+
+    with :math:`S` = ``max_norm`` if given, otherwise the median of the
+    updates' L2 norms (an adaptive threshold, as FLAME uses).
+
+    Preconditions: ``max_norm > 0`` when given.
+
+    ``selected`` = all members; ``info``: ``clip_norm`` (S), ``n_clipped``,
+    ``weights`` (the effective coefficients ``min(1, S/||x_i||)/n``).
+    """
+    x = as_updates(updates, check_finite=False)
+    n = x.shape[0]
+    norms = np.sqrt(sq_norms(x))
+    check_finite_stats(norms)
+    if max_norm is None:
+        s = float(np.median(norms))
+    else:
+        s = check_real("max_norm", max_norm, low=0.0, low_open=True)
+    scale = _clip_scales(norms, s)
+    w = scale / n
+    vec = combine(x, w)
+    info = {"clip_norm": s, "n_clipped": int((scale < 1.0).sum()), "weights": to_list(w)}
+    return result(vec, np.arange(n), info, "norm_clip")
+
+
+def dp_gaussian(
+    updates: np.ndarray,
+    clip_norm: float,
+    noise_multiplier: float,
+    rng: Any = None,
+) -> AggregateResult:
+    r"""DP-FedAvg's Gaussian mechanism with a fixed clipping norm.
+
+    Definition (McMahan, Ramage, Talwar, Zhang, "Learning Differentially
+    Private Recurrent Language Models", ICLR 2018, Algorithm 1 with the
+    fixed-denominator estimator and uniform weights):
+
+    .. math::  \mathrm{agg} = \frac1n\Bigl(\sum_i x_i \min\bigl(1, \tfrac{S}{\lVert x_i\rVert}\bigr)
+               + \mathcal N\bigl(0, (\sigma S)^2 I_d\bigr)\Bigr)
+
+    i.e. the noise on the returned average has standard deviation
+    :math:`\sigma S / n` per coordinate.  S = ``clip_norm``, sigma =
+    ``noise_multiplier``.  The privacy accounting (epsilon, delta over the
+    rounds) is the caller's business; this function only applies the
+    mechanism.
+
+    Preconditions: ``clip_norm > 0``, ``noise_multiplier >= 0``; ``rng`` a
+    ``numpy.random.Generator``, an int seed (tests only) or None (fresh OS
+    entropy, what you want for real privacy).
+
+    ``selected`` = all members; ``info``: ``clip_norm``, ``noise_multiplier``,
+    ``noise_std`` (per coordinate, on the returned average, = sigma*S/n),
+    ``noise_std_sum`` (sigma*S, on the sum), ``n_clipped``, ``weights``.
+    """
+    s = check_real("clip_norm", clip_norm, low=0.0, low_open=True)
+    sigma = check_real("noise_multiplier", noise_multiplier, low=0.0)
+    gen = make_rng(rng)
+    x = as_updates(updates, check_finite=False)
+    n, d = x.shape
+    norms = np.sqrt(sq_norms(x))
+    check_finite_stats(norms)
+    scale = _clip_scales(norms, s)
+    total = combine(x, scale)
+    std_sum = sigma * s
+    if std_sum > 0:
+        total += gen.normal(0.0, std_sum, size=d)
+    vec = total / n
+    info = {
+        "clip_norm": s,
+        "noise_multiplier": sigma,
+        "noise_std": std_sum / n,
+        "noise_std_sum": std_sum,
+        "n_clipped": int((scale < 1.0).sum()),
+        "weights": to_list(scale / n),
+    }
+    return result(vec, np.arange(n), info, "dp_gaussian")
+
+
+def reputation_weighted(updates: np.ndarray, trust_scores: Any) -> AggregateResult:
+    r"""Average weighted by externally supplied trust (reputation) scores.
+
+    .. math::  \mathrm{agg} = \sum_i \frac{t_i}{\sum_j t_j} x_i
+
+    The trust scores :math:`t_i \ge 0` come from the reputation store (e.g.
+    an exponentially weighted history of detector verdicts); any scale is
+    fine, they are normalised here.  Members with zero trust are excluded.
+    If every score is 0 the result is the **zero vector** (no change to the
+    model), ``selected`` is empty and ``info["all_zero_trust"]`` is True.
+
+    Preconditions: one finite, non-negative score per update.
+
+    ``info``: ``weights`` (normalised), ``all_zero_trust``.
+    """
+    x = as_updates(updates, check_finite=False)
+    n, d = x.shape
+    t = as_member_vector("trust_scores", trust_scores, n, nonneg=True)
+    total = t.sum()
+    if total <= 0:
+        return result(np.zeros(d), [], {"weights": [0.0] * n, "all_zero_trust": True}, "reputation_weighted")
+    w = t / total
+    vec = combine(x, w)
+    check_finite_stats(vec)
+    return result(vec, np.flatnonzero(w), {"weights": to_list(w), "all_zero_trust": False}, "reputation_weighted")
+
+
+def centered_clipping(
+    updates: np.ndarray,
+    center: Any = None,
+    tau: float = 1.0,
+    iters: int = 1,
+) -> AggregateResult:
+    r"""Centered clipping (CC).
+
+    Definition (Karimireddy, He, Jaggi, "Learning from History for Byzantine
+    Robust Optimization", ICML 2021, Sec. 4, the CC rule), iterated ``L =
+    iters`` times from :math:`v_0` = ``center``:
+
+    .. math::  v_{l+1} = v_l + \frac1n \sum_i (x_i - v_l)\,
+               \min\Bigl(1, \frac{\tau}{\lVert x_i - v_l\rVert_2}\Bigr)
+
+    The paper starts from the previous round's aggregate (with worker
+    momentum), so pass the last aggregate as ``center``; ``center=None``
+    starts from the zero vector.
+
+    Preconditions: ``tau > 0``; ``iters >= 1``; ``center`` of shape ``(d,)``.
+
+    ``selected`` = all members; ``info``: ``tau``, ``iters``,
+    ``n_clipped`` (per iteration), ``weights`` and ``center_weight``: the
+    result equals ``center_weight * center + sum_i weights[i] * x_i``.
+    """
+    tau = check_real("tau", tau, low=0.0, low_open=True)
+    iters = check_int("iters", iters, minimum=1)
+    x = as_updates(updates, check_finite=False)
+    n, d = x.shape
+    v = np.zeros(d) if center is None else as_param_vector("center", center, d).copy()
+    a = 1.0  # coefficient of center in v
+    c = np.zeros(n)  # coefficients of the updates in v
+    n_clipped = []
+    for _ in range(iters):
+        dist = row_distances(x, v)
+        check_finite_stats(dist)
+        s = _clip_scales(dist, tau)
+        n_clipped.append(int((s < 1.0).sum()))
+        # v + mean_i s_i (x_i - v) = (1 - mean(s)) v + sum_i (s_i / n) x_i
+        keep = 1.0 - s.sum() / n
+        v *= keep
+        v += combine(x, s / n)
+        a *= keep
+        c = keep * c + s / n
+    info = {"tau": tau, "iters": iters, "n_clipped": n_clipped, "weights": to_list(c), "center_weight": a}
+    return result(v, np.arange(n), info, "centered_clipping")
