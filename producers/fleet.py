@@ -68,7 +68,10 @@ class Fleet:
         self.spec = model_spec(self.task)
         self.model = build_model(self.spec, seed=settings.seed)
         rng = np.random.default_rng(settings.seed)
-        self.shards = dirichlet_split(self.task.y_train, settings.num_devices, settings.dirichlet_alpha, rng)
+        # Small data sets (digits: ~14 samples per device at 100 devices) cannot give every shard 10 samples.
+        min_size = max(1, min(10, len(self.task.y_train) // (3 * settings.num_devices)))
+        self.shards = dirichlet_split(self.task.y_train, settings.num_devices, settings.dirichlet_alpha, rng,
+                                      min_size=min_size)
         defaults = DEFAULT_TRAINING[self.task.name]
         self.epochs = settings.local_epochs or defaults["epochs"]
         self.lr = settings.local_lr or defaults["lr"]

@@ -20,6 +20,7 @@ import gzip
 import logging
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +104,11 @@ def read_idx(path: str | os.PathLike, *, expected_ndim: int | None = None) -> np
             payload = _read_exact(fh, nbytes, path, "data")
             if fh.read(1):
                 raise ValueError(f"{path}: trailing bytes after IDX data (dims {dims})")
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         raise ValueError(f"{path}: unreadable IDX file: {exc}") from exc
-    arr = np.frombuffer(payload, dtype=dtype).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="), copy=False)
+    return np.frombuffer(payload, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="), copy=True)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -212,6 +212,9 @@ def _load_synthetic(seed: int) -> TaskData:
     return _freeze("synthetic", x_train, y[:SYNTHETIC_TRAIN], x_test, y[SYNTHETIC_TRAIN:], c)
 
 
+_warned_dirs: set[str] = set()
+
+
 def load_task(name: str, *, data_dir: str | os.PathLike | None = None, seed: int = 0) -> TaskData:
     """Load a task by name (one of :data:`TASKS`); results are cached per process.
 
@@ -224,6 +227,9 @@ def load_task(name: str, *, data_dir: str | os.PathLike | None = None, seed: int
         missing = [str(directory / f) for f in FASHION_MNIST_FILES.values() if not (directory / f).is_file()]
         if not missing:
             return _load_fashion_mnist(str(directory.resolve()))
+        if str(directory) in _warned_dirs:  # once per directory and process: many devices share a process
+            return _load_digits(int(seed))
+        _warned_dirs.add(str(directory))
         log.warning(
             "Fashion-MNIST not found (missing %s); falling back to the 'digits' task. Install it with "
             "`apt-get install dataset-fashion-mnist` (files go to %s) or point %s / data_dir at a directory "

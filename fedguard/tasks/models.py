@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TaskData, load_task
+from .data import SYNTHETIC_CLASSES, SYNTHETIC_DIM, TASKS, TaskData
 
 # Chosen with bench/fedavg_sim.py (see bench/results/fedavg_sim.md): 100 devices, 10 per round, Dirichlet 0.9.
 DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
-    "fashion-mnist": {"epochs": 2, "lr": 0.05, "batch_size": 32, "momentum": 0.9, "hidden": (200,)},
-    "digits": {"epochs": 2, "lr": 0.05, "batch_size": 16, "momentum": 0.9, "hidden": (64,)},
-    "synthetic": {"epochs": 2, "lr": 0.05, "batch_size": 32, "momentum": 0.9, "hidden": (64,)},
+    "fashion-mnist": {"epochs": 5, "lr": 0.02, "batch_size": 32, "momentum": 0.9, "hidden": (200,)},
+    "digits": {"epochs": 5, "lr": 0.02, "batch_size": 16, "momentum": 0.9, "hidden": (64,)},
+    "synthetic": {"epochs": 2, "lr": 0.05, "batch_size": 16, "momentum": 0.9, "hidden": (64,)},
 }
 
-_SHAPES = {"fashion-mnist": (784, 10), "digits": (64, 10), "synthetic": (32, 10)}
+_SHAPES = {"fashion-mnist": (784, 10), "digits": (64, 10), "synthetic": (SYNTHETIC_DIM, SYNTHETIC_CLASSES)}
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,7 @@ def model_spec(task: str | TaskData, hidden: tuple[int, ...] | list[int] | int |
         name = task
         input_dim, num_classes = _SHAPES[task]
     else:
-        data = load_task(task)  # raises a clear ValueError for unknown names
-        name, input_dim, num_classes = data.name, data.input_dim, data.num_classes
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS} or a TaskData")
     if hidden is None:
         hidden = DEFAULT_TRAINING.get(name, DEFAULT_TRAINING["synthetic"])["hidden"]
     elif isinstance(hidden, int):

@@ -17,6 +17,27 @@ def _as_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
 
 
+@torch.no_grad()
+def _sgd_step(params: list[torch.Tensor], bufs: list[torch.Tensor | None], lr: float, momentum: float,
+              weight_decay: float) -> None:
+    """One step of ``torch.optim.SGD`` (dampening 0, no Nesterov), written out: constructing the first
+    ``torch.optim`` optimizer in a process imports ``torch._dynamo`` (~1-3 s and ~300 modules), a cost every
+    device process would pay for nothing. ``tests/unit/test_tasks.py`` checks it matches torch.optim.SGD (to 1e-6)."""
+    for i, p in enumerate(params):
+        if p.grad is None:
+            continue
+        g = p.grad
+        if weight_decay:
+            g = g.add(p, alpha=weight_decay)
+        if momentum:
+            if bufs[i] is None:
+                bufs[i] = g.detach().clone()
+            else:
+                bufs[i].mul_(momentum).add_(g)
+            g = bufs[i]
+        p.add_(g, alpha=-lr)
+
+
 def local_train(
     model: nn.Module,
     x: np.ndarray,
@@ -32,6 +53,7 @@ def local_train(
     """Train ``model`` in place with SGD for ``epochs`` passes over (x, y), minibatches shuffled by a
     ``torch.Generator`` seeded with ``seed`` (the last batch of an epoch may be smaller).
 
+    Same update as ``torch.optim.SGD(lr, momentum, weight_decay)``; a fresh momentum buffer per call.
     Returns ``{"loss": mean training loss over the last epoch, "steps": optimizer steps taken}``.
     """
     if epochs < 0 or batch_size < 1 or lr < 0:
@@ -41,7 +63,8 @@ def local_train(
     if n == 0:
         raise ValueError("local_train needs at least one sample")
     gen = torch.Generator().manual_seed(int(seed))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bufs: list[torch.Tensor | None] = [None] * len(params)
     was_training = model.training
     model.train()
     steps = 0
@@ -53,9 +76,10 @@ def local_train(
             for start in range(0, n, batch_size):
                 idx = perm[start : start + batch_size]
                 loss = F.cross_entropy(model(xt[idx]), yt[idx])
-                opt.zero_grad(set_to_none=True)
+                for p in params:
+                    p.grad = None
                 loss.backward()
-                opt.step()
+                _sgd_step(params, bufs, lr, momentum, weight_decay)
                 steps += 1
                 total += loss.item() * idx.shape[0]
             last_loss = total / n

@@ -148,6 +148,17 @@ def test_fallback_to_digits_when_missing(tmp_path, caplog):
     assert task.name == "digits"
     text = caplog.text
     assert "digits" in text and str(missing) in text and "apt-get install dataset-fashion-mnist" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedguard.tasks.data"):
+        assert load_task("fashion-mnist", data_dir=missing).name == "digits"
+    assert not caplog.records  # warned once per directory and process, not once per device
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    _write_fake_fashion(partial)
+    (partial / data_mod.FASHION_MNIST_FILES["y_test"]).unlink()
+    with caplog.at_level(logging.WARNING, logger="fedguard.tasks.data"):
+        assert load_task("fashion-mnist", data_dir=partial).name == "digits"
+    assert "t10k-labels-idx1-ubyte.gz" in caplog.text
 
 
 def test_digits_and_synthetic_deterministic():
@@ -229,6 +240,10 @@ def test_model_spec_defaults():
     digits = load_task("digits")
     assert model_spec(digits, hidden=[16]) == ModelSpec("digits", 64, 10, (16,))
     assert model_spec("synthetic", hidden=8).hidden == (8,)
+    syn = load_task("synthetic")
+    assert model_spec(syn) == model_spec("synthetic")  # constants agree with the data
+    with pytest.raises(ValueError, match="unknown task"):
+        model_spec("cifar")
 
 
 def test_build_model_deterministic_and_leaves_global_rng():
@@ -323,3 +338,27 @@ def test_evaluate_perfect_and_constant_models():
     model.train()
     acc, _ = evaluate(model, x, y)
     assert acc == pytest.approx(3 / 8) and model.training  # mode restored
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.5, 1e-3)])
+def test_local_train_matches_torch_sgd(momentum, weight_decay):
+    task, x, y = _synthetic_subset(100)
+    spec = model_spec(task, hidden=(16,))
+    ours = build_model(spec, seed=1)
+    out = local_train(ours, x, y, epochs=2, lr=0.05, batch_size=32, seed=3, momentum=momentum,
+                      weight_decay=weight_decay)
+    ref = build_model(spec, seed=1)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(3)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    steps = 0
+    for _ in range(2):
+        perm = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), 32):
+            idx = perm[start : start + 32]
+            opt.zero_grad()
+            nn.functional.cross_entropy(ref(xt[idx]), yt[idx]).backward()
+            opt.step()
+            steps += 1
+    assert out["steps"] == steps
+    np.testing.assert_allclose(get_flat_params(ours), get_flat_params(ref), rtol=0, atol=1e-6)
