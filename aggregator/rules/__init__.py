@@ -9,7 +9,7 @@ configuration up front with :func:`validate_config`.  See
 ``docs/aggregation.md`` for the definitions and references.
 """
 
-from ._common import AggregateResult, PreconditionError, RuleConfigError
+from ._common import AggregateResult, PreconditionError, RuleConfigError, get_num_threads, set_num_threads
 from .averaging import centered_clipping, dp_gaussian, fedavg, norm_clip, reputation_weighted
 from .coordinatewise import coordinate_median, trim_count, trimmed_mean
 from .distance import (
@@ -43,6 +43,7 @@ __all__ = [
     "flame",
     "fltrust",
     "geometric_median",
+    "get_num_threads",
     "krum",
     "krum_scores",
     "min_updates",
@@ -51,6 +52,7 @@ __all__ = [
     "norm_clip",
     "pairwise_sq_distances",
     "reputation_weighted",
+    "set_num_threads",
     "trim_count",
     "trimmed_mean",
     "validate_config",
