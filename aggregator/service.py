@@ -40,6 +40,10 @@ AGGREGATE_SECONDS = Histogram("fedguard_aggregate_seconds", "Fetch + aggregate +
 UPDATES_AGGREGATED = Counter("fedguard_updates_aggregated_total", "Updates that entered an aggregate")
 WINDOWS_OFFSET = Gauge("fedguard_aggregator_windows_offset", "Next offset to read on the windows topic", ["partition"])
 
+# Create every labelled series at zero, so the first increase of each is visible to rate() and increase().
+for _outcome in ("applied", "already_applied", "out_of_order", "rule_skipped"):
+    WINDOWS.labels(_outcome)
+
 
 class AggregatorService:
     def __init__(self, settings: Settings):
