@@ -2,12 +2,20 @@
 
     fedguard up                 the embedded stack: broker, Redis, processors, aggregator, device fleet
     fedguard demo               the stack for R rounds with a progress bar, a summary and an accuracy plot
-    fedguard devices enroll     key pairs for N devices, public keys into the Redis registry
-    fedguard inject KIND        attack traffic on the raw topic of a running pipeline (garbage, tamper, replay)
+    fedguard init               one-shot set-up: topics, server key, operator credential, device enrollment
+    fedguard devices enroll     key pairs for N devices, public keys into the Redis registry (operator credential)
+    fedguard devices revoke|rotate ID   revoke a device / give it a new key (operator credential)
+    fedguard devices list       the registry: status and key fingerprint of each device
+    fedguard inject KIND        attack traffic on the raw topic of a running pipeline (garbage, tamper, replay, flood)
+    fedguard rejected           the dead-letter topic: counts by reason code and the last records with their detail
+    fedguard events             the security events on fl.events
+    fedguard reasons            the reason codes and what each means
     fedguard topics             create the topics with explicit partition counts
     fedguard processors|aggregator|fleet   one service (what `up` starts as child processes)
 
 Every setting comes from ``FEDGUARD_*`` variables (see fedguard/settings.py); the common ones are flags too.
+
+Exit codes: 0 success, 1 failure (e.g. an unknown device), 2 usage error, 3 operator credential missing or rejected.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ import threading
 import time
 
 from fedguard.settings import Settings, from_env
+
+EXIT_FAILURE = 1
+EXIT_UNAUTHORIZED = 3
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +84,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"fedguard is up: broker {settings.kafka_bootstrap}, redis {settings.redis_url}, data {settings.data_dir}")
     for name, url in stack.endpoints().items():
         print(f"  metrics {name:<11} {url}")
+    from fedguard.operator import TOKEN_ENV, token_path
+
+    print(f"  operator token (fedguard devices enroll|revoke|rotate): "
+          f"{'$' + TOKEN_ENV if os.environ.get(TOKEN_ENV) else token_path(settings)}")
     print(f"  logs in {stack.log_dir}; Ctrl-C stops everything")
     code = 0
     try:
@@ -94,19 +109,202 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings_from(args), rounds=args.rounds, plot=args.plot, fresh=not args.resume)
 
 
+def _operator_call(fn):
+    """Run an operator command: a missing or wrong credential exits 3, an unknown device exits 1."""
+    from fedguard.operator import OperatorAuthError
+
+    try:
+        return fn()
+    except OperatorAuthError as exc:
+        print(f"fedguard: {exc}", file=sys.stderr)
+        return EXIT_UNAUTHORIZED
+    except (KeyError, ValueError) as exc:
+        print(f"fedguard: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from fedguard.operator import token_path
+    from fedguard.stack import initialize
+
+    settings = settings_from(args)
+
+    def run() -> int:
+        done = initialize(settings, enroll_devices=not args.no_enroll)
+        print(f"topics created: {', '.join(done['topics_created']) or '(all existed)'}")
+        print(f"server public key published to Redis; operator credential ready "
+              f"(token: $FEDGUARD_OPERATOR_TOKEN or {token_path(settings)})")
+        if not args.no_enroll:
+            print(f"{settings.num_devices} devices enrolled ({len(done['devices_new'])} new)")
+        return 0
+
+    return _operator_call(run)
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     from producers.enroll import enroll
 
     settings = settings_from(args)
-    created = enroll(settings, args.count)
-    print(f"{args.count} devices enrolled ({len(created)} new); keys in {settings.keystore_path}")
+
+    def run() -> int:
+        created = enroll(settings, args.count)
+        print(f"{args.count} devices enrolled ({len(created)} new); keys in {settings.keystore_path}")
+        return 0
+
+    return _operator_call(run)
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from producers.enroll import revoke
+
+    settings = settings_from(args)
+
+    def run() -> int:
+        entry = revoke(settings, args.device_id, reason=args.reason)
+        print(f"{args.device_id} revoked ({entry.get('status_reason') or 'no reason given'}); its updates are "
+              f"now rejected with reason code 'revoked'")
+        return 0
+
+    return _operator_call(run)
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from producers.enroll import rotate
+
+    settings = settings_from(args)
+
+    def run() -> int:
+        r = rotate(settings, args.device_id, public_key_hex=args.public_key)
+        where = f"new private key in {settings.keystore_path}" if r.in_keystore else "public key from the device"
+        print(f"{r.device_id} key rotated: {r.old_fingerprint} -> {r.new_fingerprint} ({where}); updates sealed "
+              f"with the old key are now rejected with reason code 'auth_failed'")
+        return 0
+
+    return _operator_call(run)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import json
+
+    from producers.enroll import list_devices
+
+    rows = list_devices(settings_from(args))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'device':<16} {'status':<12} {'key fingerprint':<24} {'key v':>5}  {'enrolled':<19}  last seq")
+    for row in rows:
+        enrolled = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(row.get("enrolled_at") or 0)))
+        status = row.get("status", "?")
+        if row.get("status_reason"):
+            status += "*"
+        print(f"{row['device_id']:<16} {status:<12} {row['fingerprint']:<24} {row.get('key_version', '1'):>5}  "
+              f"{enrolled:<19}  {row['last_seq']}")
+    counts = {}
+    for row in rows:
+        counts[row.get("status", "?")] = counts.get(row.get("status", "?"), 0) + 1
+    print(f"{len(rows)} devices: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 0
+
+
+def _read_topic(settings: Settings, topic: str, idle_s: float) -> list:
+    """Every record of ``topic`` from the beginning, read until nothing new arrives for ``idle_s`` (counting what
+    was consumed: this broker's end offsets are not to be trusted, see BROKER.md)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                             client_id="fedguard-cli")
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out, last_new = [], time.monotonic()
+        while time.monotonic() - last_new < idle_s:
+            for messages in consumer.poll(timeout_ms=300).values():
+                out.extend(messages)
+                last_new = time.monotonic()
+        return out
+    finally:
+        consumer.close()
+
+
+def summarize_rejected(records_: list[dict], last: int) -> str:
+    """The text ``fedguard rejected`` prints: counts by reason code, then the last records with their detail."""
+    from collections import Counter
+
+    from fedguard.reasons import Reason
+
+    counts = Counter(r.get("reason") for r in records_)
+    lines = [f"{len(records_)} rejected records"]
+    if counts:
+        lines.append(f"  {'reason':<20} {'count':>8}  meaning")
+        for reason, n in counts.most_common():
+            try:
+                meaning = Reason(reason).meaning
+            except ValueError:
+                meaning = "(not a code of this version)"
+            lines.append(f"  {str(reason):<20} {n:>8}  {meaning[:70]}")
+    shown = sorted(records_, key=lambda r: r.get("rejected_at", 0))[-last:] if last > 0 else []
+    if shown:
+        lines.append(f"last {len(shown)}:")
+        for r in shown:
+            at = time.strftime("%H:%M:%S", time.localtime(r.get("rejected_at", 0)))
+            raw = r.get("raw") or {}
+            device = (r.get("device_id") or "-") + ("" if r.get("authenticated") else "?")
+            lines.append(f"  {at}  {raw.get('partition', '?')}:{raw.get('offset', '?'):<8} {device:<18} "
+                         f"{r.get('reason', '?'):<18} {r.get('detail', '')}")
+    return "\n".join(lines)
+
+
+def cmd_rejected(args: argparse.Namespace) -> int:
+    import json
+
+    from fedguard import records
+
+    settings = settings_from(args)
+    rows = [records.loads(m.value) for m in _read_topic(settings, settings.topics.rejected, args.idle)]
+    if args.reason:
+        rows = [r for r in rows if r.get("reason") == args.reason]
+    if args.json:
+        print(json.dumps(rows[-args.last:] if args.last else rows, indent=1))
+        return 0
+    print(f"{settings.topics.rejected}: ", end="")
+    print(summarize_rejected(rows, args.last))
+    print("(device ids with ? are claimed, not authenticated)")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from fedguard import records
+
+    settings = settings_from(args)
+    rows = sorted((records.loads(m.value) for m in _read_topic(settings, settings.topics.events, args.idle)),
+                  key=lambda r: r.get("at", 0))
+    print(f"{settings.topics.events}: {len(rows)} security events")
+    for r in rows[-args.last:] if args.last > 0 else []:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("at", 0)))
+        print(f"  {at}  {r.get('type', '?'):<16} {r.get('device_id') or '-':<16} {r.get('detail', '')}")
+    return 0
+
+
+def cmd_reasons(args: argparse.Namespace) -> int:
+    from fedguard.reasons import Reason, markdown_table
+
+    if args.markdown:
+        print(markdown_table(), end="")
+        return 0
+    for reason in Reason:
+        print(f"{reason.value:<20} {reason.stage:<10} {reason.meaning}")
     return 0
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
     from producers.inject import inject
 
-    sent = inject(settings_from(args), args.kind, args.count)
+    sent = inject(settings_from(args), args.kind, args.count, device_id=args.device)
     print(f"sent {sent} {args.kind} records to the raw topic")
     return 0
 
@@ -174,18 +372,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="keep earlier model versions instead of starting fresh")
     p.set_defaults(func=cmd_demo)
 
-    devices = sub.add_parser("devices", help="device enrollment")
+    devices = sub.add_parser("devices", help="device enrollment, revocation, key rotation (operator credential: "
+                                             "$FEDGUARD_OPERATOR_TOKEN or <data dir>/operator.token)")
     dsub = devices.add_subparsers(dest="devices_command", required=True)
     p = dsub.add_parser("enroll", help="key pairs for N devices; public keys into the Redis registry")
     _common(p)
     p.add_argument("--count", type=int, required=True)
     p.set_defaults(func=cmd_enroll)
+    p = dsub.add_parser("revoke", help="revoke a device: its updates are rejected 'revoked' from now on")
+    _common(p)
+    p.add_argument("device_id")
+    p.add_argument("--reason", default="", help="why (kept in the registry and the audit list)")
+    p.set_defaults(func=cmd_revoke)
+    p = dsub.add_parser("rotate", help="give a device a new key pair (or the public key it made itself)")
+    _common(p)
+    p.add_argument("device_id")
+    p.add_argument("--public-key", help="hex X25519 public key generated on the device; default: a new pair in "
+                                        "the key store")
+    p.set_defaults(func=cmd_rotate)
+    p = dsub.add_parser("list", help="enrolled devices: status, key fingerprint, last sequence number")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("inject", help="send attack traffic to the raw topic of a running pipeline")
     _common(p)
-    p.add_argument("kind", choices=("garbage", "tamper", "replay"))
+    p.add_argument("kind", choices=("garbage", "tamper", "replay", "flood"))
     p.add_argument("--count", type=int, default=10)
+    p.add_argument("--device", default="dev-0000", help="flood: the enrolled device that floods (from the key store)")
     p.set_defaults(func=cmd_inject)
+
+    p = sub.add_parser("init", help="one-shot set-up: topics, server key, operator credential, enrollment")
+    _common(p)
+    p.add_argument("--no-enroll", action="store_true", help="do not enroll the fleet's devices")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("rejected", help="dead-letter records: counts by reason code, the last ones with detail")
+    _common(p)
+    p.add_argument("--last", type=int, default=10, help="how many of the latest records to print")
+    p.add_argument("--reason", help="only this reason code")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p.add_argument("--idle", type=float, default=1.5, help="stop reading after this many seconds without news")
+    p.set_defaults(func=cmd_rejected)
+
+    p = sub.add_parser("events", help="security events on fl.events (rate limits, ingress bound, replays)")
+    _common(p)
+    p.add_argument("--last", type=int, default=20)
+    p.add_argument("--idle", type=float, default=1.5)
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("reasons", help="the reason codes of rejected records and what each means")
+    p.add_argument("--markdown", action="store_true", help="the table of docs/reason-codes.md")
+    p.set_defaults(func=cmd_reasons)
 
     p = sub.add_parser("topics", help="create the topics")
     _common(p)

@@ -32,6 +32,11 @@ _FIXED = struct.Struct("<4sBBH")
 MAX_NDIM = 4
 
 
+def max_encoded_bytes(num_elements: int) -> int:
+    """The largest valid ``fgt1`` encoding of at most ``num_elements`` elements (widest dtype, most dims)."""
+    return _FIXED.size + 4 * MAX_NDIM + num_elements * max(dt.itemsize for dt in _DTYPES.values())
+
+
 def encode_tensor(array: np.ndarray) -> bytes:
     dtype = np.dtype(array.dtype).newbyteorder("<")
     if dtype not in _CODES:

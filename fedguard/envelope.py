@@ -15,18 +15,23 @@ device id in ``info``. Associated data: bytes 0 .. 6+H, so the header (device id
 timestamp, codec, sample count, update id, model id) is authenticated: the pipeline knows who sent it and that
 nobody changed it, and nobody on the wire can read the update.
 
-Parsing checks sizes before anything proportional to them is allocated and never unpickles or evaluates.
+Parsing checks sizes before anything proportional to them is allocated and never unpickles or evaluates: the
+record's length against the bound first, then the declared header length against ``MAX_HEADER_BYTES``; the nonce
+and ciphertext are views into the record, not copies. The full byte layout, limits and the order of the checks are
+in docs/wire-format.md (issue 3, item 3).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -42,7 +47,7 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 MAX_HEADER_BYTES = 2048
 _PREFIX = struct.Struct(">3sBH")
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")  # used with fullmatch: no trailing newline slips through
 _MAX_INT = 2**53  # exact in JSON doubles and in Redis Lua numbers
 
 
@@ -67,37 +72,59 @@ class UpdateHeader:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "UpdateHeader":
+    def from_bytes(cls, raw: bytes | memoryview) -> "UpdateHeader":
+        """Parse and check a header (at most ``MAX_HEADER_BYTES``: the caller bounds it before calling)."""
+        raw = bytes(raw)
         try:
             obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise RejectError(Reason.MALFORMED, f"header is not JSON: {exc}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise RejectError(Reason.MALFORMED, f"header is not JSON: {str(exc)[:200]}") from None
         if not isinstance(obj, dict):
             raise RejectError(Reason.BAD_HEADER, "header is not an object")
-        expected = set(cls.__dataclass_fields__)
-        if set(obj) != expected:
-            missing, extra = sorted(expected - set(obj)), sorted(set(obj) - expected)
+        if obj.keys() != _HEADER_FIELDS:
+            missing, extra = sorted(_HEADER_FIELDS - set(obj)), sorted(set(obj) - _HEADER_FIELDS)
             raise RejectError(Reason.BAD_HEADER, f"header fields: missing {missing}, unexpected {extra}")
-        for name in ("device_id", "update_id", "model_id", "codec"):
-            if not isinstance(obj[name], str) or not _ID_PATTERN.match(obj[name]):
+        for name in _ID_FIELDS:
+            value = obj[name]
+            if type(value) is not str or not _ID_PATTERN.fullmatch(value):
                 raise RejectError(Reason.BAD_HEADER, f"{name} must match {_ID_PATTERN.pattern}")
-        for name in ("seq", "base_version", "num_samples"):
+        for name in _INT_FIELDS:
             value = obj[name]
             if type(value) is not int or not -_MAX_INT <= value <= _MAX_INT:
                 raise RejectError(Reason.BAD_HEADER, f"{name} must be an integer within +-2**53")
         if obj["seq"] < 0 or obj["base_version"] < 0:
             raise RejectError(Reason.BAD_HEADER, "seq and base_version must be non-negative")
-        if type(obj["timestamp"]) not in (int, float) or obj["timestamp"] != obj["timestamp"]:
-            raise RejectError(Reason.BAD_HEADER, "timestamp must be a number")
-        return cls(**obj)
+        timestamp = obj["timestamp"]
+        if (type(timestamp) is not float and type(timestamp) is not int) or not math.isfinite(timestamp):
+            raise RejectError(Reason.BAD_HEADER, "timestamp must be a finite number")
+        # A name given twice is ambiguous (json keeps the last; another parser may keep the first). Every value
+        # that survived is now a scalar without a literal comma, so the only commas are the separators of the
+        # name/value pairs: more than len(fields) - 1 means a repeated name (or a dropped nested value).
+        if raw.count(b",") != len(_HEADER_FIELDS) - 1:
+            raise RejectError(Reason.BAD_HEADER, "header repeats a field name (or nests values)")
+        header = object.__new__(cls)  # the fields are exactly the checked ones: skip the slower generated __init__
+        object.__setattr__(header, "__dict__", obj)
+        return header
 
 
-@dataclass(frozen=True)
-class SealedEnvelope:
+_HEADER_FIELDS = frozenset(UpdateHeader.__dataclass_fields__)
+_ID_FIELDS = ("device_id", "update_id", "model_id", "codec")
+_INT_FIELDS = ("seq", "base_version", "num_samples")
+
+
+class SealedEnvelope(NamedTuple):
+    """A parsed record: the checked header and views into the record (parsing copies nothing proportional to
+    its size)."""
+
     header: UpdateHeader
-    associated_data: bytes
-    nonce: bytes
-    ciphertext: bytes
+    associated_data: memoryview
+    nonce: memoryview
+    ciphertext: memoryview
+
+
+def max_record_bytes(payload_bytes: int) -> int:
+    """The largest envelope that can carry a payload of ``payload_bytes`` (a header of the maximum length)."""
+    return _PREFIX.size + MAX_HEADER_BYTES + NONCE_BYTES + payload_bytes + TAG_BYTES
 
 
 def derive_key(own_private: X25519PrivateKey, peer_public: X25519PublicKey, device_id: str) -> bytes:
@@ -134,13 +161,15 @@ def parse(raw: bytes, max_bytes: int) -> SealedEnvelope:
     body = _PREFIX.size + header_len
     if len(raw) < body + NONCE_BYTES + TAG_BYTES:
         raise RejectError(Reason.MALFORMED, "record truncated before nonce and tag")
-    header = UpdateHeader.from_bytes(raw[_PREFIX.size:body])
-    return SealedEnvelope(header=header, associated_data=raw[:body], nonce=raw[body:body + NONCE_BYTES],
-                          ciphertext=raw[body + NONCE_BYTES:])
+    view = memoryview(raw)
+    header = UpdateHeader.from_bytes(view[_PREFIX.size:body])
+    return SealedEnvelope(header, view[:body], view[body:body + NONCE_BYTES], view[body + NONCE_BYTES:])
 
 
-def open_sealed(sealed: SealedEnvelope, key: bytes) -> bytes:
+def open_sealed(sealed: SealedEnvelope, key: bytes | ChaCha20Poly1305) -> bytes:
+    """Decrypt and authenticate; ``key`` is the 32-byte key or an AEAD object made from it (cheaper to reuse)."""
+    aead = key if isinstance(key, ChaCha20Poly1305) else ChaCha20Poly1305(key)
     try:
-        return ChaCha20Poly1305(key).decrypt(sealed.nonce, sealed.ciphertext, sealed.associated_data)
+        return aead.decrypt(sealed.nonce, sealed.ciphertext, sealed.associated_data)
     except InvalidTag:
         raise RejectError(Reason.AUTH_FAILED, "authentication tag does not verify (tampered or wrong key)") from None

@@ -71,6 +71,19 @@ class Settings:
     rule_params: str = ""  # JSON object of the rule's parameters, e.g. {"f": 2} for krum
     sample_count_cap: int = 1000
 
+    # Hardening (issue 3): rate limits, security events, validator batching. Token buckets live in Redis, so every
+    # processors worker shares them; capacities are in updates, refill rates in updates per second. The defaults
+    # let an honest device send a burst of 20 updates and 1 per second after that (the demo sends one per device
+    # per round, rounds take ~2 s), and admit 500 updates/s from all devices together (burst 2000).
+    rate_device_capacity: float = 20.0
+    rate_device_refill_per_s: float = 1.0
+    rate_global_capacity: float = 2000.0
+    rate_global_refill_per_s: float = 500.0
+    security_event_interval_s: float = 60.0  # at most one rate-limit / replay event per device per interval
+    validate_batch_size: int = 256  # raw records validated together (a Redis call per 64 of them)
+    validate_batch_within_s: float = 0.02  # ... or what arrived within this time
+    validate_batch_max_bytes: int = 16 * 1024 * 1024  # ... split so the records of one call stay below this size
+
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers, so Prometheus can scrape
     # Ports (metrics: one per process; Faust's web server needs its own).
     broker_port: int = 19092

@@ -113,6 +113,26 @@ def publish_server_key(settings: Settings) -> str:
     return public_hex
 
 
+def initialize(settings: Settings, enroll_devices: bool = True) -> dict[str, object]:
+    """The one-shot set-up every deployment needs (``fedguard init``; ``fedguard up`` runs it too).
+
+    Topics with explicit partition counts; the server key (``$FEDGUARD_SERVER_KEY``, else a 0600 file in the data
+    dir) with its public half in Redis; the operator credential (fedguard/operator.py: a 0600 token file created
+    on first start unless ``$FEDGUARD_OPERATOR_TOKEN`` is set, its hash installed in Redis if none is); and the
+    fleet's devices enrolled with that credential. Idempotent.
+    """
+    from fedguard import operator
+    from producers.enroll import enroll
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    created = create_topics(settings)
+    log.info("topics created: %s", ", ".join(created) or "(all existed)")
+    server_public = publish_server_key(settings)
+    token = operator.bootstrap(settings)
+    enrolled = enroll(settings, settings.num_devices, token=token) if enroll_devices else []
+    return {"topics_created": created, "server_public_key": server_public, "devices_new": enrolled}
+
+
 @dataclass
 class EmbeddedStack:
     settings: Settings
@@ -167,16 +187,11 @@ class EmbeddedStack:
         return self._spawn(name, [sys.executable, "-m", "fedguard.cli", name, *args], env)
 
     def start(self) -> "EmbeddedStack":
-        from producers.enroll import enroll
-
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.start_broker()
             self.start_redis()
-            created = create_topics(self.settings)
-            log.info("topics created: %s", ", ".join(created) or "(all existed)")
-            publish_server_key(self.settings)
-            enroll(self.settings, self.settings.num_devices)
+            initialize(self.settings)
             for name in self.services:
                 self.start_service(name)
         except BaseException:

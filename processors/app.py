@@ -2,9 +2,11 @@
 
 Two agents, each a short ``async for``:
 
-* ``validate`` reads ``fl.updates.raw`` and writes every record to exactly one of ``fl.updates.valid`` (the decoded
-  tensor) or ``fl.updates.rejected`` (reason code and detail); for a valid one it also writes a small pointer to
-  ``fl.updates.valid.index``, keyed by model id.
+* ``validate`` reads ``fl.updates.raw`` in small batches (``validate_batch_size`` records or what arrived within
+  ``validate_batch_within_s``; one Redis round trip per batch) and writes every record to exactly one of
+  ``fl.updates.valid`` (the decoded tensor) or ``fl.updates.rejected`` (reason code and detail); for a valid one it
+  also writes a small pointer to ``fl.updates.valid.index``, keyed by model id. Security events (a device rate
+  limited, the ingress bound hit, a replay), at most one per device per interval, go to ``fl.events``.
 * ``collect`` reads that index and keeps the open windows in a table keyed by model id (co-partitioned with the
   index), closing each on count; a timer closes windows on their deadline. Closed windows go to ``fl.windows``.
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import faust
 import redis.asyncio as aioredis
@@ -28,15 +29,18 @@ from fedguard.envelope import parse
 from fedguard.reasons import Reason, RejectError
 from fedguard.settings import Settings
 from fedguard.tasks import load_task, model_spec
-from processors.validation import CHECKS, Validator
+from processors.validation import CHECKS, Validator, byte_bounded
 from processors import windows as W
 
 log = logging.getLogger("fedguard.processors")
 
 RECEIVED = Counter("fedguard_updates_received_total", "Records read from the raw updates topic")
 VALID = Counter("fedguard_updates_valid_total", "Updates that passed validation")
-REJECTED = Counter("fedguard_updates_rejected_total", "Records rejected by the validator", ["reason"])
-VALIDATE_SECONDS = Histogram("fedguard_validate_seconds", "Time to validate one record",
+REJECTED = Counter("fedguard_updates_rejected_total", "Records rejected by the validator, by reason code", ["reason"])
+for _reason in Reason:  # every code is a series from the start, so dashboards and alerts see zeros, not gaps
+    REJECTED.labels(_reason.value)
+SECURITY_EVENTS = Counter("fedguard_security_events_total", "Security events published on fl.events", ["type"])
+VALIDATE_SECONDS = Histogram("fedguard_validate_seconds", "Time to validate one record (batch time / records)",
                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
 RAW_OFFSET = Gauge("fedguard_processors_raw_offset", "Last raw-topic offset processed", ["partition"])
 WINDOWS_CLOSED = Counter("fedguard_windows_closed_total", "Windows closed", ["closed_by"])
@@ -46,12 +50,20 @@ LATE_UPDATES = Counter("fedguard_window_late_updates_total", "Valid updates whos
 OPEN_WINDOWS = Gauge("fedguard_windows_open", "Windows currently open")
 
 
+# Create every labelled series at zero, so the first burst of each reason is visible to rate() and increase().
+for _reason in Reason:
+    REJECTED.labels(_reason.value)
+for _closed_by in ("count", "deadline"):
+    WINDOWS_CLOSED.labels(_closed_by)
+
+
 def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
     spec = model_spec(load_task(settings.task, seed=settings.seed))  # the task actually available
     app = faust.App(
         f"fedguard-processors-{settings.model_id}",
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
+        datadir=str(settings.data_dir / "faust"),  # not the current directory
         topic_partitions=settings.partitions,
         table_standby_replicas=0,  # a standby's copy must not be closed by its timer too
         broker_session_timeout=6.0,  # BROKER.md: group joins are held for half the session timeout
@@ -65,53 +77,66 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
         value_serializer="json",  # the window table; every topic below carries bytes we encode ourselves
     )
     t = settings.topics
-    raw_topic, valid_topic, rejected_topic, index_topic, windows_topic = (
+    raw_topic, valid_topic, rejected_topic, index_topic, windows_topic, events_topic = (
         app.topic(name, key_serializer="raw", value_serializer="raw")
-        for name in (t.raw, t.valid, t.rejected, t.valid_index, t.windows))
+        for name in (t.raw, t.valid, t.rejected, t.valid_index, t.windows, t.events))
     window_table = app.Table("windows", default=None, use_partitioner=True, partitions=settings.partitions)
-    state: dict[str, Any] = {}
 
-    @app.task
-    async def connect() -> None:
+    async def make_validator() -> Validator:
         server_key = load_or_create_server_key(settings.server_key_path)
         client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
-        state["validator"] = Validator(settings, server_key, spec.num_params, client)
+        return Validator(settings, server_key, spec.num_params, client)
 
-    async def reject(raw_position: dict[str, int], key: bytes | None, err: RejectError, device_id: str | None):
+    async def reject(event, err: RejectError) -> None:
+        msg = event.message
+        position = {"partition": msg.partition, "offset": msg.offset}
         REJECTED.labels(err.reason.value).inc()
-        await rejected_topic.send(key=key, value=records.dumps({
-            "raw": raw_position, "device_id": device_id, "reason": err.reason.value, "detail": err.detail,
+        await rejected_topic.send(key=event.key, value=records.dumps({
+            "raw": position, "device_id": err.device_id or _claimed_device(event.value),
+            "authenticated": err.authenticated, "reason": err.reason.value, "detail": err.detail,
             "rejected_at": time.time()}), force=True)
+        if err.event is not None:  # bounded in Redis: at most one per device (or globally) per interval
+            SECURITY_EVENTS.labels(err.event["type"]).inc()
+            await events_topic.send(key=(err.device_id or "").encode(),
+                                    value=records.dumps({**err.event, "raw": position}), force=True)
 
     @app.agent(raw_topic)
     async def validate(stream):
-        async for event in stream.events():
-            msg = event.message
-            position = {"partition": msg.partition, "offset": msg.offset}
-            RECEIVED.inc()
-            started = time.perf_counter()
-            try:
-                update = await state["validator"].validate(event.value, event.key,
-                                                             f"{msg.partition}:{msg.offset}")
-            except RejectError as err:
-                await reject(position, event.key, err, _claimed_device(event.value))
-            except Exception as exc:  # never let one record stop the pipeline
-                log.exception("validator failed on raw record %s", position)
-                await reject(position, event.key, RejectError(Reason.MALFORMED, f"validator error: {exc!r}"), None)
-            else:
-                h = update.header
-                meta = {"update_id": h.update_id, "device_id": h.device_id, "model_id": h.model_id,
-                        "base_version": h.base_version, "seq": h.seq, "num_samples": h.num_samples,
-                        "timestamp": h.timestamp, "norm": update.norm, "raw": position, "checks": list(CHECKS)}
-                sent = await (await valid_topic.send(key=h.device_id.encode(), value=records.encode_valid(
-                    meta, update.tensor), force=True))
-                await index_topic.send(key=h.model_id.encode(), value=records.dumps({
-                    "update_id": h.update_id, "device_id": h.device_id, "base_version": h.base_version,
-                    "num_samples": h.num_samples, "norm": update.norm, "raw": position,
-                    "valid": {"partition": sent.partition, "offset": sent.offset}}), force=True)
-                VALID.inc()
-            VALIDATE_SECONDS.observe(time.perf_counter() - started)
-            RAW_OFFSET.labels(str(msg.partition)).set(msg.offset)
+        validator = await make_validator()
+        async for batch in stream.take_events(settings.validate_batch_size, within=settings.validate_batch_within_s):
+            for events in byte_bounded(batch, settings.validate_batch_max_bytes, lambda e: len(e.value or b"")):
+                await validate_and_route(validator, events)
+
+    async def validate_and_route(validator: Validator, events: list) -> None:
+        RECEIVED.inc(len(events))
+        started = time.perf_counter()
+        outcomes = await validator.validate_batch(
+            [(e.value, e.key, f"{e.message.partition}:{e.message.offset}") for e in events])
+        accepted = []
+        for event, outcome in zip(events, outcomes):
+            if isinstance(outcome, RejectError):
+                await reject(event, outcome)
+                continue
+            h = outcome.header
+            position = {"partition": event.message.partition, "offset": event.message.offset}
+            meta = {"update_id": h.update_id, "device_id": h.device_id, "model_id": h.model_id,
+                    "base_version": h.base_version, "seq": h.seq, "num_samples": h.num_samples,
+                    "timestamp": h.timestamp, "norm": outcome.norm, "raw": position, "checks": list(CHECKS)}
+            accepted.append((outcome, position, await valid_topic.send(
+                key=h.device_id.encode(), value=records.encode_valid(meta, outcome.tensor), force=True)))
+        # The index only names records the broker has acknowledged on the valid topic.
+        for outcome, position, pending in accepted:
+            sent = await pending
+            h = outcome.header
+            await index_topic.send(key=h.model_id.encode(), value=records.dumps({
+                "update_id": h.update_id, "device_id": h.device_id, "base_version": h.base_version,
+                "num_samples": h.num_samples, "norm": outcome.norm, "raw": position,
+                "valid": {"partition": sent.partition, "offset": sent.offset}}), force=True)
+            VALID.inc()
+        elapsed = (time.perf_counter() - started) / len(events)
+        for event in events:
+            VALIDATE_SECONDS.observe(elapsed)
+            RAW_OFFSET.labels(str(event.message.partition)).set(event.message.offset)
 
     async def close(model_id: str, window_state: W.State, base_version: int) -> W.State:
         window_state, record = W.close_window(window_state, base_version, model_id, time.time(),

@@ -1,27 +1,56 @@
-"""Validation of one raw record: every check of DESIGN.md, each failure mapped to its reason code.
+"""Validation of raw records: every check of DESIGN.md and issue 3, each failure mapped to its reason code.
 
-The order matters: cheap structural checks first, then the registry, then authentication; nothing the header
-claims is trusted before the AEAD tag verifies, and the replay counter only advances for an update that passed
-every other check.
+Every byte of a raw record is attacker-controlled. A batch of records is validated in three steps:
+
+1. **Local, before trust** (no Redis): the envelope is parsed within the size bound of this model
+   (:func:`fedguard.envelope.parse`), the model id checked, and the record opened with the device's key (AEAD, the
+   header as associated data). Keys come from a cache of the registry; a cache miss (or an AEAD failure with a
+   cached key, which may have been rotated) costs one pipelined Redis read for the whole batch.
+2. **Local, after authentication**: the record key must name the authenticated device; then the content checks of
+   :func:`check_content` (clock skew, sample count, codec, tensor, dtype, shape, finiteness, norm).
+3. **Admission in Redis**, one Lua call for the batch (:data:`fedguard.registry.ADMIT_LUA`): the key used must
+   still be the device's and the device active (revoked / quarantined), the sequence number fresh (replay), one
+   token from the device's and the global bucket (rate_limited / ingress_limited), then the first local failure if
+   any, the base version (future_version / stale), and the sequence number advances. Atomic per record, so a
+   revocation, a rotation or a replay is decided on the registry's state at that moment, across every worker and
+   restart. The rate check sits after authentication and the replay check, so neither a forger nor a replayer
+   can drain an honest device's bucket, and before anything is accepted.
+
+Nothing in a record is trusted before its AEAD tag verifies; the sequence number advances only for an update that
+passed every check; no allocation is proportional to a size the sender declared (the decoder checks declared
+element counts against the bytes present and the model size first; the norm needs no float64 copy).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import redis.asyncio as aioredis
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fedguard import envelope, registry
-from fedguard.codec import CODEC_NAME, decode_tensor
-from fedguard.envelope import UpdateHeader
+from fedguard.codec import CODEC_NAME, decode_tensor, max_encoded_bytes
+from fedguard.envelope import SealedEnvelope, UpdateHeader
 from fedguard.keys import public_from_hex
 from fedguard.reasons import Reason, RejectError
 from fedguard.settings import Settings
 
+log = logging.getLogger("fedguard.validation")
+
 CHECKS = ("envelope", "registry", "aead", "record_key", "clock", "sample_count", "codec", "dtype", "shape",
-          "finite", "norm", "replay", "version")
+          "finite", "norm", "status", "replay", "rate", "version")
+NORM_CHUNK = 1 << 16  # elements per float32 dot product; partial sums are added in float64
+SUB_BATCH = 64  # records per admission call inside a batch (pipelined: see _validate_into)
+SEND_YIELDS = 5  # event-loop turns redis-py needs to write a command (measured: 2-3; 5 to be safe)
+REDIS_RETRIES = (0.2, 0.5, 1.0, 2.0)  # back-off before each retry of a Redis call, then internal_error
+MAX_CACHED_KEYS = 100_000
 
 
 @dataclass(frozen=True)
@@ -31,81 +60,347 @@ class ValidUpdate:
     norm: float
 
 
+def sum_of_squares(tensor: np.ndarray) -> float:
+    """Sum of squares of a float32 vector without a float64 copy: float32 dot products over chunks of
+    ``NORM_CHUNK`` elements (BLAS), their results added in float64.
+
+    NaN or Inf anywhere makes the result NaN or Inf (squares are non-negative, so they cannot cancel); a finite
+    result therefore proves every element finite. A chunk whose squares overflow float32 also gives Inf.
+    """
+    flat = tensor.reshape(-1)
+    if flat.size <= NORM_CHUNK:
+        return float(np.dot(flat, flat))
+    return math.fsum(float(np.dot(flat[i:i + NORM_CHUNK], flat[i:i + NORM_CHUNK]))
+                     for i in range(0, flat.size, NORM_CHUNK))
+
+
+def finite_norm(tensor: np.ndarray, bound: float) -> float:
+    """The L2 norm of ``tensor``, or :class:`RejectError` ``NON_FINITE`` / ``NORM_BOUND``."""
+    squares = sum_of_squares(tensor)
+    if not math.isfinite(squares):
+        bad = int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
+        if bad:
+            raise RejectError(Reason.NON_FINITE, f"{bad} NaN/Inf values")
+        # Every element is finite but float32 squares overflowed: the exact norm in float64 (rare, and far above
+        # any sensible bound, so the copy is only made for records about to be rejected).
+        norm = float(np.linalg.norm(tensor.astype(np.float64)))
+    else:
+        norm = math.sqrt(squares)
+    if norm > bound:
+        raise RejectError(Reason.NORM_BOUND, f"L2 norm {norm:.4g} above bound {bound:.4g}")
+    return norm
+
+
+def check_content(header: UpdateHeader, payload: bytes, *, num_params: int, settings: Settings,
+                  now: float) -> tuple[np.ndarray, float]:
+    """The checks of an authenticated update that need no Redis, in order; returns (tensor, norm) or raises."""
+    skew = abs(now - header.timestamp)
+    if skew > settings.max_clock_skew_s:
+        raise RejectError(Reason.CLOCK_SKEW, f"timestamp is {skew:.0f}s from server time, bound "
+                                             f"{settings.max_clock_skew_s:.0f}s")
+    if not 1 <= header.num_samples <= settings.max_sample_count:
+        raise RejectError(Reason.BAD_SAMPLE_COUNT,
+                          f"sample count {header.num_samples} not in [1, {settings.max_sample_count}]")
+    if header.codec != CODEC_NAME:
+        raise RejectError(Reason.UNSUPPORTED_CODEC, f"codec {header.codec!r}, expected {CODEC_NAME!r}")
+    tensor = decode_tensor(payload, num_params)
+    if tensor.dtype != np.float32:
+        raise RejectError(Reason.BAD_DTYPE, f"dtype {tensor.dtype}, expected float32")
+    if tensor.shape != (num_params,):
+        raise RejectError(Reason.BAD_SHAPE, f"shape {tensor.shape}, expected ({num_params},)")
+    return tensor, finite_norm(tensor, settings.max_update_norm)
+
+
+def byte_bounded(items: list, max_bytes: int, size=lambda item: len(item[0] or b"")) -> list[list]:
+    """Split ``items`` (in order) into runs whose sizes add up to at most ``max_bytes`` (a bigger item alone), so
+    the plaintexts one :meth:`Validator.validate_batch` call keeps alive stay bounded whatever the record sizes."""
+    groups: list[list] = []
+    current: list = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if current and total + n > max_bytes:
+            groups.append(current)
+            current, total = [], 0
+        current.append(item)
+        total += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An authenticated record waiting for admission."""
+
+    index: int
+    sealed: SealedEnvelope
+    public_hex: str
+    delivery: str
+    tensor: np.ndarray | None = None
+    norm: float = 0.0
+    local: RejectError | None = None  # the first local check that failed
+
+
+@dataclass(slots=True)
+class _Key:
+    public_hex: str
+    aead: ChaCha20Poly1305
+
+
 @dataclass
 class Validator:
     settings: Settings
     server_private: object  # X25519PrivateKey
     num_params: int
     redis: aioredis.Redis
-    _keys: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (device id, public key) -> AEAD key
+    _keys: dict[str, _Key] = field(default_factory=dict)  # device id -> its registry key, as last read
 
     def __post_init__(self) -> None:
-        self._advance_seq = self.redis.register_script(registry.ADVANCE_SEQ_LUA)
+        self._admit = self.redis.register_script(registry.ADMIT_LUA)
+        # The largest honest record: a maximal header and the model's parameters in the widest dtype (a float64
+        # update must reach the dtype check to get its own reason code). Bigger records are cut off unread.
+        self.max_record_bytes = min(self.settings.max_payload_bytes,
+                                    envelope.max_record_bytes(max_encoded_bytes(self.num_params)))
 
-    def _aead_key(self, device_id: str, public_hex: str) -> bytes:
-        cache_key = (device_id, public_hex)
-        if cache_key not in self._keys:
-            if len(self._keys) > 100_000:
-                self._keys.clear()
-            self._keys[cache_key] = envelope.derive_key(self.server_private, public_from_hex(public_hex), device_id)
-        return self._keys[cache_key]
-
+    # -- the public API --------------------------------------------------------------------------------------------
     async def validate(self, raw: bytes | None, record_key: bytes | None, position: str = "") -> ValidUpdate:
-        """Validate one raw record; ``position`` (raw partition:offset) tells a re-delivery from a replay."""
-        s = self.settings
-        sealed = envelope.parse(raw, s.max_payload_bytes)
+        """Validate one raw record; ``position`` (raw ``partition:offset``) tells a re-delivery from a replay."""
+        (outcome,) = await self.validate_batch([(raw, record_key, position)])
+        if isinstance(outcome, RejectError):
+            raise outcome
+        return outcome
+
+    async def validate_batch(self, items: list[tuple[bytes | None, bytes | None, str]]) -> list:
+        """Validate raw records ``(value, record key, position)`` in order; one outcome per record, never raises.
+
+        Each outcome is a :class:`ValidUpdate` or a :class:`RejectError` (reason, detail, device id, whether
+        authenticated, and a security event to publish, if any). Records of one device are admitted in the order
+        given, so a batch behaves exactly like the same records validated one by one.
+        """
+        outcomes: list = [None] * len(items)
+        try:
+            await self._validate_into(items, outcomes)
+        except Exception as exc:  # Redis unreachable after retries, or a bug: never let it stop the pipeline
+            log.exception("validation of a batch of %d records failed", len(items))
+            for i, outcome in enumerate(outcomes):
+                if outcome is None or isinstance(outcome, _Pending):
+                    outcomes[i] = RejectError(Reason.INTERNAL_ERROR, f"validator error: {exc!r}"[:500])
+        return outcomes
+
+    # -- the steps -------------------------------------------------------------------------------------------------
+    async def _validate_into(self, items, outcomes: list) -> None:
+        now = time.time()
+        parsed: list[tuple[int, SealedEnvelope]] = []
+        for i, (raw, _key, _pos) in enumerate(items):
+            try:
+                parsed.append((i, self._parse(raw)))
+            except RejectError as err:
+                outcomes[i] = err
+            except Exception as exc:  # a bug: the record gets a code, the batch goes on
+                outcomes[i] = _internal(exc)
+
+        needed = {s.header.device_id for _, s in parsed}
+        missing = needed - self._keys.keys()
+        if len(self._keys) + len(missing) > MAX_CACHED_KEYS:  # a soft bound: start over with this batch's devices
+            self._keys.clear()
+            missing = needed
+        fetched = await self._fetch_keys(missing)
+        # Sub-batches: while Redis runs the admission of one, this process opens and checks the next (two cores).
+        stale_keys: list[tuple[int, SealedEnvelope, str]] = []
+        inflight = None
+        try:
+            for start in range(0, len(parsed), SUB_BATCH):
+                pending = []
+                for i, sealed in parsed[start:start + SUB_BATCH]:
+                    outcome = outcomes[i] = self._open(i, sealed, items[i], now)
+                    if isinstance(outcome, _Pending):
+                        pending.append(outcome)
+                    elif outcome.reason is Reason.AUTH_FAILED and sealed.header.device_id not in fetched:
+                        # The cached key may have been rotated: read it again below.
+                        stale_keys.append((i, sealed, self._keys[sealed.header.device_id].public_hex))
+                if inflight is not None:
+                    await self._finish_admission(*inflight, items, outcomes, now)
+                    inflight = None
+                inflight = await self._start_admission(pending)
+            if inflight is not None:
+                await self._finish_admission(*inflight, items, outcomes, now)
+                inflight = None
+        finally:
+            if inflight is not None:  # failing with an admission under way: do not leave it behind
+                inflight[1].cancel()
+
+        if stale_keys:
+            await self._fetch_keys({s.header.device_id for _, s, _ in stale_keys})
+            pending = []
+            for i, sealed, tried in stale_keys:
+                current = self._keys.get(sealed.header.device_id)
+                if current is not None and current.public_hex != tried:
+                    outcome = outcomes[i] = self._open(i, sealed, items[i], now)
+                    if isinstance(outcome, _Pending):
+                        pending.append(outcome)
+            inflight = await self._start_admission(pending)
+            if inflight is not None:
+                await self._finish_admission(*inflight, items, outcomes, now)
+
+    async def _start_admission(self, pending: list[_Pending]):
+        """Send the admission of ``pending`` to Redis; returns what :meth:`_finish_admission` needs, or None."""
+        if not pending:
+            return None
+        lines = [f"{p.sealed.header.device_id} {p.public_hex} {p.sealed.header.seq} {p.delivery} "
+                 f"{p.local.reason.value if p.local else '-'} {p.sealed.header.base_version}" for p in pending]
+        args = registry.admit_args(self.settings, lines)
+        task = asyncio.ensure_future(self._with_retries(lambda: self._admit(args=args)))
+        for _ in range(SEND_YIELDS):  # let the client get the command onto the socket before going back to work
+            await asyncio.sleep(0)
+        return pending, task
+
+    async def _finish_admission(self, pending: list[_Pending], task, items, outcomes: list, now: float,
+                                retry: bool = True) -> None:
+        reply = (await task).split("\n")
+        rekey = []
+        for p, line in zip(pending, reply, strict=True):
+            code, event, info = line.split(" ", 2)
+            if code == "rekey":
+                rekey.append(p)
+            else:
+                outcomes[p.index] = self._outcome(p, code, info, event == "1")
+        if not rekey:
+            return
+        if not retry:
+            for p in rekey:
+                outcomes[p.index] = RejectError(Reason.AUTH_FAILED, "the device's key changed while validating",
+                                                device_id=p.sealed.header.device_id)
+            return
+        # The registry holds another key than the one these records opened with (a rotation raced the cache).
+        await self._fetch_keys({p.sealed.header.device_id for p in rekey}, only_changed=True)
+        again = []
+        for p in rekey:
+            outcome = self._open(p.index, p.sealed, items[p.index], now)
+            if isinstance(outcome, RejectError) and outcome.reason is Reason.AUTH_FAILED:
+                outcome = RejectError(Reason.AUTH_FAILED, "sealed with a key that is no longer the device's "
+                                      "(rotated)", device_id=p.sealed.header.device_id)
+            outcomes[p.index] = outcome
+            if isinstance(outcome, _Pending):
+                again.append(outcome)
+        inflight = await self._start_admission(again)
+        if inflight is not None:
+            await self._finish_admission(*inflight, items, outcomes, now, retry=False)
+
+    def _parse(self, raw: bytes | None) -> SealedEnvelope:
+        sealed = envelope.parse(raw, self.max_record_bytes)
         header = sealed.header
-        if header.model_id != s.model_id:
-            raise RejectError(Reason.WRONG_MODEL, f"model {header.model_id!r}, this pipeline trains {s.model_id!r}")
+        if header.model_id != self.settings.model_id:
+            raise RejectError(Reason.WRONG_MODEL, f"model {header.model_id!r}, this pipeline trains "
+                                                  f"{self.settings.model_id!r}", device_id=header.device_id)
+        return sealed
 
-        device = await self.redis.hgetall(registry.device_key(s, header.device_id))
-        if not device:
-            raise RejectError(Reason.UNKNOWN_DEVICE, f"device {header.device_id!r} is not enrolled")
-        if device.get("status") != registry.ACTIVE:
-            raise RejectError(Reason.QUARANTINED, f"device {header.device_id!r} is {device.get('status')}")
+    def _open(self, index: int, sealed: SealedEnvelope, item, now: float):
+        """AEAD open with the cached key, record key, content checks: a :class:`_Pending` or a RejectError."""
+        try:
+            return self._open_checked(index, sealed, item, now)
+        except Exception as exc:  # a bug: this record gets a code, the others go on
+            return _internal(exc, sealed.header.device_id)
 
-        payload = envelope.open_sealed(sealed, self._aead_key(header.device_id, device["public_key"]))
+    def _open_checked(self, index: int, sealed: SealedEnvelope, item, now: float):
+        _raw, record_key, position = item
+        header = sealed.header
+        device_id = header.device_id
+        key = self._keys.get(device_id)
+        if key is None:
+            return RejectError(Reason.UNKNOWN_DEVICE, f"device {device_id!r} is not enrolled", device_id=device_id)
+        try:
+            payload = envelope.open_sealed(sealed, key.aead)
+        except RejectError as err:
+            err.device_id = device_id
+            return err
+        if record_key is not None and record_key != device_id.encode():
+            return RejectError(Reason.KEY_MISMATCH, f"record key {bytes(record_key[:64])!r} != device {device_id!r}",
+                               device_id=device_id, authenticated=True)
+        pending = _Pending(index, sealed, key.public_hex, f"{header.update_id}@{position}")
+        try:
+            pending.tensor, pending.norm = check_content(header, payload, num_params=self.num_params,
+                                                         settings=self.settings, now=now)
+        except RejectError as err:
+            err.device_id, err.authenticated = device_id, True
+            pending.local = err
+        return pending
 
-        if record_key is not None and record_key != header.device_id.encode():
-            raise RejectError(Reason.KEY_MISMATCH, f"record key {record_key[:64]!r} != device {header.device_id!r}")
-        skew = abs(time.time() - header.timestamp)
-        if skew > s.max_clock_skew_s:
-            raise RejectError(Reason.CLOCK_SKEW, f"timestamp is {skew:.0f}s from server time")
-        if not 1 <= header.num_samples <= s.max_sample_count:
-            raise RejectError(Reason.BAD_SAMPLE_COUNT, f"sample count {header.num_samples} not in [1, {s.max_sample_count}]")
+    async def _fetch_keys(self, device_ids: set[str], only_changed: bool = False) -> set[str]:
+        """Read the registry keys of ``device_ids`` (one round trip); returns those now cached (or changed)."""
+        if not device_ids:
+            return set()
+        ids = sorted(device_ids)
 
-        # The same update id at the same raw position is this record delivered again after a crash; the same
-        # update id anywhere else is a copy someone sent again.
-        delivery = f"{header.update_id}@{position}"
-        last = await self.redis.hmget(registry.seq_key(s, header.device_id), "seq", "update_id")
-        if last[0] is not None and header.seq <= int(last[0]) and last[1] != delivery:
-            raise RejectError(Reason.REPLAY, f"sequence {header.seq} not above last accepted {last[0]}")
+        async def read():
+            pipe = self.redis.pipeline(transaction=False)
+            for device_id in ids:
+                pipe.hget(registry.device_key(self.settings, device_id), "public_key")
+            return await pipe.execute()
 
-        if header.codec != CODEC_NAME:
-            raise RejectError(Reason.BAD_TENSOR, f"codec {header.codec!r}, expected {CODEC_NAME!r}")
-        tensor = decode_tensor(payload, self.num_params)
-        if tensor.dtype != np.float32:
-            raise RejectError(Reason.BAD_DTYPE, f"dtype {tensor.dtype}, expected float32")
-        if tensor.shape != (self.num_params,):
-            raise RejectError(Reason.BAD_SHAPE, f"shape {tensor.shape}, expected ({self.num_params},)")
-        if not np.isfinite(tensor).all():
-            raise RejectError(Reason.NON_FINITE, f"{int((~np.isfinite(tensor)).sum())} NaN/Inf values")
-        norm = float(np.linalg.norm(tensor.astype(np.float64)))
-        if norm > s.max_update_norm:
-            raise RejectError(Reason.NORM_BOUND, f"L2 norm {norm:.4g} above bound {s.max_update_norm:.4g}")
+        result = set()
+        for device_id, public_hex in zip(ids, await self._with_retries(read)):
+            old = self._keys.get(device_id)
+            if public_hex is None:
+                self._keys.pop(device_id, None)
+                continue
+            if old is not None and old.public_hex == public_hex:
+                if not only_changed:
+                    result.add(device_id)
+                continue
+            try:
+                aead_key = envelope.derive_key(self.server_private, public_from_hex(public_hex), device_id)
+            except ValueError:  # a registry entry that is not a key: the device cannot authenticate
+                self._keys.pop(device_id, None)
+                continue
+            self._keys[device_id] = _Key(public_hex, ChaCha20Poly1305(aead_key))
+            result.add(device_id)
+        return result
 
-        current = await self.redis.get(registry.model_version_key(s))
-        if current is None:
-            raise RejectError(Reason.FUTURE_VERSION, "no global model version has been published yet")
-        current = int(current)
-        if header.base_version > current:
-            raise RejectError(Reason.FUTURE_VERSION, f"base version {header.base_version}, current is {current}")
-        if header.base_version < current - s.max_staleness:
-            raise RejectError(Reason.STALE, f"base version {header.base_version}, current is {current}, "
-                                            f"max staleness {s.max_staleness}")
+    def _outcome(self, p: _Pending, code: str, info: str, emit: bool):
+        s, h = self.settings, p.sealed.header
+        if code == "ok":
+            return ValidUpdate(header=h, tensor=p.tensor, norm=p.norm)
+        if info == "-":
+            info = ""
+        if p.local is not None and code == p.local.reason.value:
+            return p.local
+        if code == "unknown_device":
+            self._keys.pop(h.device_id, None)
+        details = {
+            "unknown_device": f"device {h.device_id!r} is no longer enrolled",
+            "revoked": f"device {h.device_id!r} is revoked",
+            "quarantined": f"device {h.device_id!r} is {info}",
+            "replay": f"sequence {h.seq} not above last accepted {info}",
+            "rate_limited": f"device bucket has {info} tokens (capacity {s.rate_device_capacity:g}, "
+                            f"refill {s.rate_device_refill_per_s:g}/s)",
+            "ingress_limited": f"global ingress bucket has {info} tokens (capacity {s.rate_global_capacity:g}, "
+                               f"refill {s.rate_global_refill_per_s:g}/s)",
+            "future_version": ("no global model version has been published yet" if info == "none"
+                               else f"base version {h.base_version}, current is {info}"),
+            "stale": f"base version {h.base_version}, current is {info}, max staleness {s.max_staleness}",
+        }
+        try:
+            reason = Reason(code)
+        except ValueError:
+            return RejectError(Reason.INTERNAL_ERROR, f"admission returned {code!r}", device_id=h.device_id)
+        err = RejectError(reason, details.get(code, code), device_id=h.device_id, authenticated=True)
+        if emit:
+            err.event = {"type": code, "device_id": h.device_id, "reason": code, "detail": err.detail,
+                         "at": time.time()}
+        return err
 
-        accepted = await self._advance_seq(keys=[registry.seq_key(s, header.device_id)],
-                                           args=[header.seq, delivery])
-        if not accepted:
-            raise RejectError(Reason.REPLAY, f"sequence {header.seq} lost a race with a newer update")
-        return ValidUpdate(header=header, tensor=tensor, norm=norm)
+    async def _with_retries(self, call):
+        for delay in (*REDIS_RETRIES, None):
+            try:
+                return await call()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if delay is None:
+                    raise
+                log.warning("Redis call failed (%r); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+
+
+def _internal(exc: Exception, device_id: str | None = None) -> RejectError:
+    log.error("validator bug on one record", exc_info=exc)
+    return RejectError(Reason.INTERNAL_ERROR, f"validator error: {exc!r}"[:500], device_id=device_id)

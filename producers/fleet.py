@@ -61,9 +61,8 @@ class Fleet:
         server_hex = registry.connect(settings).get(registry.server_public_key(settings))
         if not server_hex:
             raise RuntimeError("the server public key is not in Redis; start the stack with `fedguard up`")
-        server_public = public_from_hex(server_hex)
-        self.aead_keys = {d: envelope.derive_key(private_from_hex(self.keystore.devices[d].private_key),
-                                                 server_public, d) for d in self.ids}
+        self.server_public = public_from_hex(server_hex)
+        self.aead_keys = {d: self._derive(d) for d in self.ids}
         self.task = load_task(settings.task, seed=settings.seed)
         self.spec = model_spec(self.task)
         self.model = build_model(self.spec, seed=settings.seed)
@@ -81,6 +80,24 @@ class Fleet:
                                       acks="all", linger_ms=5, max_request_size=settings.max_payload_bytes)
         self.models = models_consumer(settings, "fedguard-fleet-models")
         self.latest: dict[str, Any] | None = None
+
+    def _derive(self, device_id: str) -> bytes:
+        return envelope.derive_key(private_from_hex(self.keystore.devices[device_id].private_key), self.server_public,
+                                   device_id)
+
+    def sync_keystore(self) -> list[str]:
+        """Merge with the key store on disk under its lock: save our sequence numbers, adopt rotated keys.
+
+        Returns the devices whose key was rotated (``fedguard devices rotate``) since the last sync.
+        """
+        with Keystore.editing(self.settings.keystore_path) as disk:
+            rotated = self.keystore.merge_from(disk)
+            disk.merge_from(self.keystore)
+        for device_id in rotated:
+            if device_id in self.aead_keys:
+                self.aead_keys[device_id] = self._derive(device_id)
+                log.info("device %s: adopted its rotated key", device_id)
+        return rotated
 
     def poll_models(self, timeout_ms: int = 500) -> dict[str, Any] | None:
         for messages in self.models.poll(timeout_ms=timeout_ms).values():
@@ -114,6 +131,7 @@ class Fleet:
         return sorted(rng.choice(self.settings.num_devices, self.settings.devices_per_round, replace=False).tolist())
 
     def run_round(self, meta: dict[str, Any], attempt: int = 0, stop: threading.Event | None = None) -> int:
+        self.sync_keystore()
         base = load_weights(meta["path"], meta["sha256"])
         version = int(meta["version"])
         sent = 0
@@ -125,7 +143,7 @@ class Fleet:
             self.publish(device_id, version, delta, num_samples)
             sent += 1
         self.producer.flush()
-        self.keystore.save()
+        self.sync_keystore()
         ROUND.set(version)
         log.info("trained on version %d (attempt %d): %d updates sent", version, attempt, sent)
         return sent
@@ -151,7 +169,7 @@ class Fleet:
         return header
 
     def close(self) -> None:
-        self.keystore.save()
+        self.sync_keystore()
         self.producer.close(timeout=5)
         self.models.close()
 

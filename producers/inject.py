@@ -3,6 +3,9 @@
 * ``garbage``: random bytes, and truncated or mangled envelopes.
 * ``tamper``: a real update captured from the raw topic with one ciphertext bit flipped.
 * ``replay``: a real update captured from the raw topic, sent again unchanged.
+* ``flood``: an enrolled device (its key from the fleet's key store) sends ``count`` authentic, well-formed updates
+  as fast as it can: after its bucket's capacity they are rejected ``rate_limited``, one security event is
+  published on ``fl.events``, and the other devices' updates keep flowing.
 
 Each returns how many records it sent; the validator must reject every one with its reason code while honest
 traffic keeps flowing. (Model-poisoning attacks by enrolled devices live in the attack library.)
@@ -13,12 +16,17 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from fedguard import envelope
+from fedguard import envelope, registry
+from fedguard.codec import encode_tensor
+from fedguard.envelope import UpdateHeader
+from fedguard.keys import private_from_hex, public_from_hex
 from fedguard.settings import Settings
+from producers.keystore import Keystore
 
-KINDS = ("garbage", "tamper", "replay")
+KINDS = ("garbage", "tamper", "replay", "flood")
 
 
 def capture_raw(settings: Settings, count: int, timeout_s: float = 10.0) -> list[tuple[bytes, bytes]]:
@@ -56,7 +64,36 @@ def flip_bit(value: bytes, position: int) -> bytes:
     return bytes(mutable)
 
 
-def make_records(settings: Settings, kind: str, count: int, seed: int | None = None) -> list[tuple[bytes | None, bytes]]:
+def flood_records(settings: Settings, device_id: str, count: int, num_params: int | None = None) -> list[tuple[bytes, bytes]]:
+    """``count`` authentic zero updates from ``device_id`` on the current version, with fresh sequence numbers."""
+    if num_params is None:
+        from fedguard.tasks import load_task, model_spec
+
+        num_params = model_spec(load_task(settings.task, seed=settings.seed)).num_params
+    client = registry.connect(settings)
+    server_hex = client.get(registry.server_public_key(settings))
+    if not server_hex:
+        raise RuntimeError("the server public key is not in Redis; is the pipeline running?")
+    version = int(client.get(registry.model_version_key(settings)) or 0)
+    payload = encode_tensor(np.zeros(num_params, np.float32))
+    with Keystore.editing(settings.keystore_path) as store:
+        keys = store.devices.get(device_id)
+        if keys is None:
+            raise KeyError(f"device {device_id!r} is not in the key store {settings.keystore_path}")
+        key = envelope.derive_key(private_from_hex(keys.private_key), public_from_hex(server_hex), device_id)
+        out = []
+        for _ in range(count):
+            keys.seq = max(keys.seq + 1, time.time_ns() // 1000)
+            header = UpdateHeader.new(device_id=device_id, seq=keys.seq, base_version=version, num_samples=1,
+                                      model_id=settings.model_id)
+            out.append((device_id.encode(), envelope.seal(header, payload, key)))
+    return out
+
+
+def make_records(settings: Settings, kind: str, count: int, seed: int | None = None,
+                 device_id: str = "dev-0000") -> list[tuple[bytes | None, bytes]]:
+    if kind == "flood":
+        return flood_records(settings, device_id, count)
     if kind == "garbage":
         return [(b"garbage-%d" % i, os.urandom(64 + i % 512)) for i in range(count)]
     captured = capture_raw(settings, count)
@@ -69,8 +106,8 @@ def make_records(settings: Settings, kind: str, count: int, seed: int | None = N
     raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
 
 
-def inject(settings: Settings, kind: str, count: int) -> int:
-    records = make_records(settings, kind, count)
+def inject(settings: Settings, kind: str, count: int, device_id: str = "dev-0000") -> int:
+    records = make_records(settings, kind, count, device_id=device_id)
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, client_id="fedguard-inject", acks="all",
                              max_request_size=settings.max_payload_bytes)
     try:

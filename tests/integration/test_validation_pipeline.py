@@ -6,16 +6,19 @@ reason code, every valid update must come out on the valid topic, and every raw 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from kafka import KafkaProducer
 
-from fedguard import envelope, registry
+from fedguard import cli, envelope, registry
 from fedguard.codec import encode_tensor
 from fedguard.envelope import UpdateHeader
 from fedguard.keys import private_from_hex, public_from_hex
 from fedguard.records import decode_valid
+from fedguard.settings import to_env
 from fedguard.stack import EmbeddedStack
 from fedguard.tasks import load_task, model_spec
 from producers.inject import flip_bit
@@ -37,9 +40,9 @@ class Sender:
         self.producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
         self.sent: list[tuple[tuple[int, int], str | None]] = []  # raw position, expected reason (None: valid)
 
-    def seal(self, device, seq, tensor, base=0, samples=50):
+    def seal(self, device, seq, tensor, base=0, samples=50, codec="fgt1"):
         header = UpdateHeader.new(device_id=device, seq=seq, base_version=base, num_samples=samples,
-                                  model_id=self.settings.model_id)
+                                  model_id=self.settings.model_id, codec=codec)
         return envelope.seal(header, encode_tensor(tensor), self.keys[device])
 
     def send(self, value, expected, key):
@@ -48,7 +51,7 @@ class Sender:
         return value
 
 
-def test_every_record_ends_valid_or_rejected_with_its_reason(settings):
+def test_every_record_ends_valid_or_rejected_with_its_reason(settings, monkeypatch, capsys):
     settings = settings.with_overrides(num_devices=4, window_size=3, max_update_norm=1000.0)
     stack = EmbeddedStack(settings, services=("processors",), own_broker=False, own_redis=False)
     with stack:
@@ -79,6 +82,9 @@ def test_every_record_ends_valid_or_rejected_with_its_reason(settings):
                    what="the rejections before the quarantine")
         registry.set_device_status(redis, settings, "dev-0003", registry.QUARANTINED)
         s.send(s.seal("dev-0003", 2, good()), "quarantined", b"dev-0003")
+        registry.set_device_status(redis, settings, "dev-0000", registry.REVOKED, "test")
+        s.send(s.seal("dev-0000", 3, good()), "revoked", b"dev-0000")
+        s.send(s.seal("dev-0001", 2, good(), codec="npy"), "unsupported_codec", b"dev-0001")
         s.send(s.seal("dev-0002", 6, good()), None, b"dev-0002")  # bad input did not stop the pipeline
 
         expected = dict(s.sent)
@@ -99,5 +105,14 @@ def test_every_record_ends_valid_or_rejected_with_its_reason(settings):
     assert {pos: reasons for pos, reasons in outcomes.items()} == {pos: [r] for pos, r in expected.items()}
 
     windows = json_values(read_topic(settings, settings.topics.windows))
+    # The CLI reads the same dead letters: counts by reason code, the last ones with their detail.
+    for name, value in to_env(settings).items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["rejected", "--last", "3", "--idle", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(rejected)} rejected records" in out
+    counted = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
+               if line.startswith("  ") and line.split()[0] in {r["reason"] for r in rejected}}
+    assert counted == dict(Counter(r["reason"] for r in rejected))
     assert len(windows) == 1 and windows[0]["base_version"] == 0 and windows[0]["closed_by"] == "count"
     assert sorted(m["device_id"] for m in windows[0]["members"]) == ["dev-0000", "dev-0001", "dev-0002"]
