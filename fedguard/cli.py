@@ -207,30 +207,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_topic(settings: Settings, topic: str, idle_s: float) -> list:
-    """Every record of ``topic`` from the beginning, read until nothing new arrives for ``idle_s`` (counting what
-    was consumed: this broker's end offsets are not to be trusted, see BROKER.md)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                             client_id="fedguard-cli")
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        out, last_new = [], time.monotonic()
-        while time.monotonic() - last_new < idle_s:
-            for messages in consumer.poll(timeout_ms=300).values():
-                out.extend(messages)
-                last_new = time.monotonic()
-        return out
-    finally:
-        consumer.close()
-
-
 def summarize_rejected(records_: list[dict], last: int) -> str:
     """The text ``fedguard rejected`` prints: counts by reason code, then the last records with their detail."""
     from collections import Counter
@@ -265,7 +241,10 @@ def cmd_rejected(args: argparse.Namespace) -> int:
     from fedguard import records
 
     settings = settings_from(args)
-    rows = [records.loads(m.value) for m in _read_topic(settings, settings.topics.rejected, args.idle)]
+    from fedguard.topicio import read_until_idle
+
+    messages = read_until_idle(settings, settings.topics.rejected, args.idle, client_id="fedguard-cli")
+    rows = [records.loads(m.value) for m in messages]
     if args.reason:
         rows = [r for r in rows if r.get("reason") == args.reason]
     if args.json:
@@ -281,8 +260,10 @@ def cmd_events(args: argparse.Namespace) -> int:
     from fedguard import records
 
     settings = settings_from(args)
-    rows = sorted((records.loads(m.value) for m in _read_topic(settings, settings.topics.events, args.idle)),
-                  key=lambda r: r.get("at", 0))
+    from fedguard.topicio import read_until_idle
+
+    messages = read_until_idle(settings, settings.topics.events, args.idle, client_id="fedguard-cli")
+    rows = sorted((records.loads(m.value) for m in messages), key=lambda r: r.get("at", 0))
     print(f"{settings.topics.events}: {len(rows)} security events")
     for r in rows[-args.last:] if args.last > 0 else []:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("at", 0)))

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from tqdm import tqdm
 
 from fedguard import records
 from fedguard.settings import Settings
+from fedguard.topicio import consumer_from_beginning
 from fedguard.stack import EmbeddedStack
 
 
@@ -46,14 +47,7 @@ class Watcher:
 
     def __post_init__(self) -> None:
         t = self.settings.topics
-        self.consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False,
-                                      client_id="fedguard-demo")
-        tps = []
-        for topic in (t.models, t.windows, t.rejected):
-            partitions = self.consumer.partitions_for_topic(topic) or {0}
-            tps += [TopicPartition(topic, p) for p in sorted(partitions)]
-        self.consumer.assign(tps)
-        self.consumer.seek_to_beginning(*tps)
+        self.consumer = consumer_from_beginning(self.settings, (t.models, t.windows, t.rejected), "fedguard-demo")
 
     def poll(self, timeout_ms: int = 500) -> None:
         t = self.settings.topics

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import Counter, Gauge, Histogram
 
 from fedguard import envelope, records, registry
@@ -24,6 +24,7 @@ from fedguard.envelope import UpdateHeader
 from fedguard.keys import private_from_hex, public_from_hex
 from fedguard.modelstore import load_weights
 from fedguard.settings import Settings
+from fedguard.topicio import consumer_from_beginning
 from fedguard.tasks import (DEFAULT_TRAINING, build_model, dirichlet_split, get_flat_params, load_task,
                             local_train, model_spec, set_flat_params)
 from producers.enroll import device_ids
@@ -40,13 +41,7 @@ RESAMPLED = Counter("fedguard_fleet_round_retries_total", "Rounds sampled again 
 
 def models_consumer(settings: Settings, client_id: str) -> KafkaConsumer:
     """A group-less consumer of ``fl.models`` positioned at the beginning of every partition."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, client_id=client_id,
-                             enable_auto_commit=False)
-    partitions = consumer.partitions_for_topic(settings.topics.models) or {0}
-    tps = [TopicPartition(settings.topics.models, p) for p in sorted(partitions)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    return consumer
+    return consumer_from_beginning(settings, [settings.topics.models], client_id)
 
 
 class Fleet:

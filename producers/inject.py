@@ -17,13 +17,14 @@ import os
 import time
 
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from fedguard import envelope, registry
 from fedguard.codec import encode_tensor
 from fedguard.envelope import UpdateHeader
 from fedguard.keys import private_from_hex, public_from_hex
 from fedguard.settings import Settings
+from fedguard.topicio import consumer_from_beginning
 from producers.keystore import Keystore
 
 KINDS = ("garbage", "tamper", "replay", "flood")
@@ -31,14 +32,10 @@ KINDS = ("garbage", "tamper", "replay", "flood")
 
 def capture_raw(settings: Settings, count: int, timeout_s: float = 10.0) -> list[tuple[bytes, bytes]]:
     """The last ``count`` well-formed envelopes on the raw topic, as (key, value); reads until the topic is idle."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                             client_id="fedguard-inject", max_partition_fetch_bytes=settings.max_payload_bytes,
-                             fetch_max_bytes=settings.max_payload_bytes)
+    consumer = consumer_from_beginning(settings, [settings.topics.raw], "fedguard-inject",
+                                       max_partition_fetch_bytes=settings.max_payload_bytes,
+                                       fetch_max_bytes=settings.max_payload_bytes)
     try:
-        partitions = consumer.partitions_for_topic(settings.topics.raw) or set()
-        tps = [TopicPartition(settings.topics.raw, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
         captured: list[tuple[float, bytes, bytes]] = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

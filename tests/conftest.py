@@ -5,19 +5,17 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from fedguard import records
 from fedguard.settings import Settings, Topics
 from fedguard.stack import broker_binary, redis_binary, wait_for_port
+from fedguard.topicio import read_until_idle
 
 
 # kafka-python logs every closed connection at ERROR; on a failure that would bury the assertion.
@@ -82,25 +80,9 @@ def settings(broker, redis_url, tmp_path) -> Settings:
 
 
 def read_topic(settings: Settings, topic: str, idle_s: float = 3.0, timeout_s: float = 60.0) -> list:
-    """Every record of ``topic`` from the beginning, read until nothing new arrives for ``idle_s``.
-
-    Counts what it consumed rather than trusting end offsets, which this broker reports wrongly (BROKER.md).
-    """
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                             max_partition_fetch_bytes=64 << 20, fetch_max_bytes=64 << 20)
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        out, last_new, deadline = [], time.monotonic(), time.monotonic() + timeout_s
-        while time.monotonic() - last_new < idle_s and time.monotonic() < deadline:
-            for messages in consumer.poll(timeout_ms=500).values():
-                out.extend(messages)
-                last_new = time.monotonic()
-        return out
-    finally:
-        consumer.close()
+    """Every record of ``topic`` from the beginning, read until nothing new arrives for ``idle_s``."""
+    return read_until_idle(settings, topic, idle_s, timeout_s=timeout_s, client_id="fedguard-tests",
+                           max_partition_fetch_bytes=64 << 20, fetch_max_bytes=64 << 20)
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):

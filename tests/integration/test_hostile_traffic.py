@@ -15,12 +15,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from fedguard import registry
 from fedguard.records import decode_valid
 from fedguard.stack import EmbeddedStack
 from fedguard.tasks import load_task, model_spec
+from fedguard.topicio import consumer_from_beginning
 from tests.conftest import json_values, read_topic
 from tests.hostile import AUTHENTIC, MALFORMED, Fleet
 
@@ -35,12 +36,8 @@ FLOOD = 200  # authentic updates from the flooding device, as fast as the produc
 
 def consume_until(settings, total: int, timeout_s: float) -> tuple[list, list]:
     """Read the valid and rejected topics from the beginning until they hold ``total`` records together."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                             max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
-    tps = [TopicPartition(topic, p) for topic in (settings.topics.valid, settings.topics.rejected)
-           for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
+    consumer = consumer_from_beginning(settings, (settings.topics.valid, settings.topics.rejected),
+                                       "fedguard-tests", max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
     valid, rejected = [], []
     deadline = time.monotonic() + timeout_s
     try:
