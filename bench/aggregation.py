@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator import rules  # noqa: E402
 from aggregator.rules._common import get_num_threads, set_num_threads  # noqa: E402
+from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
 
 try:
     import flwr
@@ -190,14 +191,7 @@ def flower_calls(x: np.ndarray, counts: np.ndarray, f: int) -> dict[str, Callabl
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = "unknown"
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

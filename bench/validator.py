@@ -51,6 +51,7 @@ from fedguard.settings import Settings  # noqa: E402
 from fedguard.stack import redis_binary, wait_for_port  # noqa: E402
 from processors.allocator import keep_freed_memory  # noqa: E402
 from processors.validation import ValidUpdate, Validator, byte_bounded  # noqa: E402
+from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
 
 DEVICES = 64
 RECORD_OVERHEAD = 400  # envelope prefix, header, nonce, tag, fgt1 header: roughly
@@ -126,14 +127,7 @@ async def validator_rate(records, publics, server, size: int, redis_url: str, pr
 
 
 def machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     server = subprocess.run([redis_binary(), "--version"], capture_output=True, text=True).stdout.strip()
     return {"nproc": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(),
             "numpy": np.__version__, "cryptography": cryptography.__version__, "redis-py": redis.__version__,
