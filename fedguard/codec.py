@@ -17,6 +17,7 @@ Nothing is unpickled or evaluated.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -46,6 +47,21 @@ def encode_tensor(array: np.ndarray) -> bytes:
     data = np.ascontiguousarray(array, dtype=dtype)
     head = _FIXED.pack(MAGIC, _CODES[dtype], array.ndim, 0) + struct.pack(f"<{array.ndim}I", *array.shape)
     return head + data.tobytes()
+
+
+def exact_float32_vector(buf: bytes, num_elements: int) -> np.ndarray | None:
+    """The tensor if ``buf`` is exactly a float32 vector of ``num_elements`` (one comparison of its 12 header
+    bytes and its length: what every honest update is), else None, and the caller decodes it with
+    :func:`decode_tensor` to learn what is wrong. A view of ``buf``, no copy."""
+    head = _vector_header(num_elements)
+    if len(buf) != len(head) + 4 * num_elements or not buf.startswith(head):
+        return None
+    return np.frombuffer(buf, dtype=_DTYPES[1], offset=len(head))
+
+
+@functools.lru_cache(maxsize=8)
+def _vector_header(num_elements: int) -> bytes:
+    return _FIXED.pack(MAGIC, 1, 1, 0) + struct.pack("<I", num_elements)
 
 
 def decode_tensor(buf: bytes | memoryview, max_elements: int) -> np.ndarray:

@@ -58,13 +58,12 @@ class Reason(str, Enum):
 # code -> (stage, one-line meaning). Stages: wire (before anything is trusted), identity (registry and AEAD),
 # freshness/load (Redis state per device), content (the decrypted update), version, server.
 MEANINGS: dict[Reason, tuple[str, str]] = {
-    Reason.OVERSIZED: ("wire", "record larger than the bound for this model, header longer than 2048 bytes, or a "
+    Reason.OVERSIZED: ("wire", "record larger than the bound for this model, header longer than 548 bytes, or a "
                                "tensor that declares more elements than the model has"),
-    Reason.MALFORMED: ("wire", "not a fedguard envelope: empty, bad magic, truncated, or a header that is not "
-                               "UTF-8 JSON"),
+    Reason.MALFORMED: ("wire", "not a fedguard envelope: empty, bad magic, or truncated before its nonce and tag"),
     Reason.UNSUPPORTED_VERSION: ("wire", "envelope format version this server does not speak"),
-    Reason.BAD_HEADER: ("wire", "header JSON parses but a field is missing, extra, duplicated, of the wrong type "
-                                "or out of range (e.g. a non-ASCII device id)"),
+    Reason.BAD_HEADER: ("wire", "header fields do not fill the header exactly, or one is out of range (e.g. a "
+                                "non-ASCII device id, a negative sequence number, a NaN timestamp)"),
     Reason.WRONG_MODEL: ("wire", "update for a model id this pipeline does not train"),
     Reason.UNKNOWN_DEVICE: ("identity", "device id is not in the registry (never enrolled)"),
     Reason.AUTH_FAILED: ("identity", "AEAD tag does not verify: tampered bytes, altered header, or sealed with a "

@@ -80,7 +80,7 @@ class Settings:
     rate_global_capacity: float = 2000.0
     rate_global_refill_per_s: float = 500.0
     security_event_interval_s: float = 60.0  # at most one rate-limit / replay event per device per interval
-    validate_batch_size: int = 256  # raw records validated together (a Redis call per 64 of them)
+    validate_batch_size: int = 256  # raw records validated together (three Redis calls: processors/validation.py)
     validate_batch_within_s: float = 0.02  # ... or what arrived within this time
     validate_batch_max_bytes: int = 16 * 1024 * 1024  # ... split so the records of one call stay below this size
 

@@ -7,10 +7,9 @@ validator must give it.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import redis
@@ -70,12 +69,11 @@ class Fleet:
         return envelope.seal(header, payload, key or self.keys[device_id])
 
 
-def with_header_field(raw: bytes, name: str, value, ensure_ascii: bool = True) -> bytes:
+def with_header_field(raw: bytes, name: str, value) -> bytes:
     """``raw`` with one header field replaced: the AEAD no longer verifies, or the parser refuses it first."""
     (length,) = struct.unpack_from(">H", raw, 4)
-    obj = json.loads(raw[6:6 + length])
-    obj[name] = value
-    head = json.dumps(obj, ensure_ascii=ensure_ascii).encode()
+    fields = {**asdict(envelope.parse(raw, 1 << 62).header), name: value}
+    head = envelope.pack_header(**fields)
     return raw[:4] + struct.pack(">H", len(head)) + head + raw[6 + length:]
 
 
@@ -113,8 +111,9 @@ MALFORMED = {
     "bit_flip": (lambda f, d: (d.encode(), flip(f.seal(d), -1 - int(f.rng.integers(0, 200)))), "auth_failed"),
     "header_flip": (lambda f, d: (d.encode(), with_header_field(f.seal(d), "num_samples", 11)), "auth_failed"),
     "wrong_version": (lambda f, d: (d.encode(), f.seal(d)[:3] + b"\x07" + f.seal(d)[4:]), "unsupported_version"),
-    "huge_header_len": (lambda f, d: (d.encode(), b"FGE\x01\xff\xff" + bytes(64)), "oversized"),
-    "unicode_device": (lambda f, d: (d.encode(), with_header_field(f.seal(d), "device_id", "dév-０１", False)),
+    "huge_header_len": (lambda f, d: (d.encode(), b"FGE" + bytes([envelope.VERSION]) + b"\xff\xff" + bytes(64)),
+                        "oversized"),
+    "unicode_device": (lambda f, d: (d.encode(), with_header_field(f.seal(d), "device_id", "dév-０１")),
                        "bad_header"),
     "negative_seq": (lambda f, d: (d.encode(), with_header_field(f.seal(d), "seq", -1)), "bad_header"),
     "wrong_model": (lambda f, d: (d.encode(), f.seal(d, model_id="someone-else")), "wrong_model"),

@@ -316,7 +316,8 @@ def test_registry_keys_match_the_ones_the_script_builds(env):
         return await codes(make(), [(f.seal("dev-x"), b"dev-x", "3:14")])
 
     assert env.run(scenario) == ["ok"]
-    seq = f.redis.hgetall(registry.seq_key(env.settings, "dev-x"))
-    assert seq["seq"] == "1" and seq["update_id"].endswith("@3:14") and float(seq["tokens"]) == 999.0
+    entry = f.redis.hgetall(registry.device_key(env.settings, "dev-x"))
+    assert entry["seq"] == "1" and entry["delivery"].endswith("@3:14") and float(entry["tokens"]) == 999.0
+    assert entry["status"] == "active" and entry["public_key"]
     assert f.redis.hgetall(registry.ingress_key(env.settings))["tokens"]
-    assert abs(float(seq["ts"]) - time.time()) < 60
+    assert abs(float(entry["tokens_ts"]) - time.time()) < 60

@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedguard.codec import encode_tensor
+from fedguard.codec import decode_tensor, encode_tensor, exact_float32_vector
 from fedguard.envelope import UpdateHeader
 from fedguard.reasons import Reason, RejectError
 from fedguard.settings import Settings
-from processors.validation import NORM_CHUNK, byte_bounded, check_content, finite_norm, sum_of_squares
+from processors.validation import (NORM_CHUNK, admission_split, byte_bounded, check_content, finite_norm,
+                                  sum_of_squares)
 
 N = 1000
 S = Settings(max_update_norm=100.0, max_sample_count=500, max_clock_skew_s=60.0)
@@ -119,3 +120,26 @@ def test_byte_bounded_groups_keep_order_and_bound():
     assert [[len(i[0]) for i in g] for g in groups] == [[5, 5], [5], [20], [1, 1], [9, 0]]
     assert byte_bounded([], 10) == []
     assert byte_bounded([(None, None, "")], 10) == [[(None, None, "")]]
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 16, 17, 40, 255, 256, 1000])
+def test_admission_split_covers_every_record_once_in_order(count):
+    parts = admission_split(count)
+    assert [i for start, end in parts for i in range(start, end)] == list(range(count))
+    assert all(end > start for start, end in parts)
+    if count > 16:  # pipelined: the last part, whose Redis time nothing hides, is the smallest
+        assert len(parts) == 3 and parts[-1][1] - parts[-1][0] <= min(end - start for start, end in parts[:-1])
+
+
+@pytest.mark.parametrize("array", [np.ones(5, np.float64), np.ones(4, np.float32), np.ones((5, 1), np.float32),
+                                   np.ones(6, np.float32), np.ones(5, np.float16)])
+def test_the_fast_vector_path_declines_anything_but_the_exact_shape(array):
+    assert exact_float32_vector(encode_tensor(array), 5) is None
+
+
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=40))
+@settings(max_examples=50, deadline=None)
+def test_the_fast_vector_path_reads_what_the_decoder_reads(values):
+    buf = encode_tensor(np.array(values, np.float32))
+    np.testing.assert_array_equal(exact_float32_vector(buf, len(values)), decode_tensor(buf, len(values)))
+    assert exact_float32_vector(buf[:-1], len(values)) is None and exact_float32_vector(buf + b"\0" * 4, len(values)) is None
