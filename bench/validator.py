@@ -55,7 +55,7 @@ from processors.allocator import keep_freed_memory  # noqa: E402
 from processors.validation import ValidUpdate, Validator, byte_bounded  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
 
-DEVICES = 64
+DEVICES = 1024  # each batch of 256 records comes from 256 different devices, as in a round of the pipeline
 RECORD_OVERHEAD = 400  # envelope prefix, header, nonce, tag, fgt1 header: roughly
 
 

@@ -316,8 +316,65 @@ def test_registry_keys_match_the_ones_the_script_builds(env):
         return await codes(make(), [(f.seal("dev-x"), b"dev-x", "3:14")])
 
     assert env.run(scenario) == ["ok"]
+    state = registry.admission_state(f.redis, env.settings, "dev-x")
+    assert state["seq"] == "1" and state["delivery"].endswith("@3:14") and float(state["tokens"]) == 999.0
     entry = f.redis.hgetall(registry.device_key(env.settings, "dev-x"))
-    assert entry["seq"] == "1" and entry["delivery"].endswith("@3:14") and float(entry["tokens"]) == 999.0
-    assert entry["status"] == "active" and entry["public_key"]
+    assert f.redis.get(registry.auth_key(env.settings, "dev-x")) == f"active {entry['public_key']}"
     assert f.redis.hgetall(registry.ingress_key(env.settings))["tokens"]
-    assert abs(float(entry["tokens_ts"]) - time.time()) < 60
+    assert abs(float(state["tokens_ts"]) - time.time()) < 60
+
+
+def test_admission_survives_a_script_flush_and_a_killed_connection(env):
+    """The admission channel's own connection: a flushed script is loaded again, a killed connection reconnects."""
+    f = env.fleet
+    f.enroll("d")
+    admin = f.redis
+
+    async def scenario(make):
+        v = make()
+        first = await codes(v, [(f.seal("d"), b"d", "0:0")])
+        admin.script_flush()
+        after_flush = await codes(v, [(f.seal("d"), b"d", "0:1")])
+        admin.client_kill_filter(_type="normal", skipme=True)
+        after_kill = await codes(v, [(f.seal("d"), b"d", "0:2")])
+        return first, after_flush, after_kill
+
+    assert env.run(scenario) == (["ok"], ["ok"], ["ok"])
+
+
+def test_a_connection_lost_between_send_and_reply_gets_the_same_answers(env, monkeypatch):
+    """If the connection breaks after the call went out, the call is sent again: records it already admitted are
+    re-deliveries (same update id, same raw position) and get the same answer; nothing is admitted twice."""
+    f = env.fleet
+    f.enroll("d")
+    admin = f.redis
+    public_hex = admin.hget(registry.device_key(env.settings, "d"), "public_key")
+    record = registry.admission_record("d", public_hex, 1, "u1@0:7", None, 0)
+
+    failures = []
+    back_off = validation.AdmissionChannel._back_off
+
+    async def counted(self, exc, delay):
+        failures.append(exc)
+        await back_off(self, exc, delay)
+
+    monkeypatch.setattr(validation.AdmissionChannel, "_back_off", counted)
+
+    async def scenario(make):
+        channel = validation.AdmissionChannel(make().redis, registry.ADMIT_LUA)
+        await channel.send(registry.admit_args(env.settings, [record]))
+        await asyncio.sleep(0.2)  # the call has run in Redis
+        conn, read = channel._conn, channel._conn.read_response
+
+        async def lost(*args, **kwargs):  # the reply is lost with the connection, once
+            conn.read_response = read
+            await conn.disconnect()
+            raise redis.exceptions.ConnectionError("connection lost (test)")
+
+        conn.read_response = lost
+        return await channel.receive()
+
+    assert env.run(scenario) == "ok 0 -"
+    assert len(failures) == 1  # the reply was lost with the connection, and the call was sent again
+    state = registry.admission_state(admin, env.settings, "d")
+    assert state["seq"] == "1" and state["delivery"] == "u1@0:7" and float(state["tokens"]) == 999.0
