@@ -6,7 +6,8 @@ For each update size (float32 parameters), the same sealed records go through:
   tensor (a view, no copy). No Kafka, no checks, no Redis.
 * **validator**: ``processors.validation.Validator.validate_batch``, the path the Faust agent runs: envelope parse
   and header checks, key lookup, AEAD open, record key, clock, sample count, codec, dtype, shape, finiteness, norm,
-  then one Redis Lua call per batch for registry status, replay, both token buckets and the model version.
+  then a Redis Lua call per part of the batch (three parts) for registry status, replay, both token buckets and
+  the model version.
 * **one by one**: ``Validator.validate`` per record (a batch of one: one Redis round trip per record), for reference.
 
 Redis is a real ``redis-server`` started by this script on a free loopback port (and stopped at the end). Every
