@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     write_results(args, rows, Path(args.out), tuned, interference)
     for row in rows:
         print(f"{row['params']:>9,} params: floor {row['floor_per_s']:>9,.0f}/s  validator "
-              f"{row['validator_per_s']:>9,.0f}/s ({row['ratio']:.0%})  admission skipped {row['local_per_s']:>9,.0f}/s "
+              f"{row['validator_per_s']:>9,.0f}/s ({row['ratio']:.0%})  "
+              f"admission skipped {row['local_per_s']:>9,.0f}/s "
               f"({row['ratio_local']:.0%})  one by one {row['one_by_one_per_s']:>9,.0f}/s "
               f"({row['ratio_one_by_one']:.0%})")
     return 0 if all(row["ratio"] >= 0.5 for row in rows) else 1
@@ -324,8 +325,9 @@ def write_results(args, rows: list[dict], out: Path, tuned: bool, interference: 
               "* *Admission skipped* is not a validator: it is the validator with every Redis call replaced by an "
               "answer of \"accepted\" (`AcceptAll`), run in the same turns. The gap between it and the floor is "
               "the local work (header, checks, keeping the plaintexts, bookkeeping: Python); the gap between it "
-              "and the validator is Redis: the admission script's time on the server (~6-7 us per record, most of "
-              "it Lua), the client's side of three calls per batch, the wait for the last part, and the slow-down "
+              "and the validator is Redis: the admission script's time on the server (~5-7 us per record, "
+              "bench/admission.py; most of it Lua), the client's side of three calls per batch, the wait for the "
+              "last part, and the slow-down "
               "of this vCPU while Redis works on the other.",
               "* These per-record costs do not grow with the update: they weigh against a ~15 us AEAD open at 10k "
               "parameters and vanish against the ~130 us / 1.3 ms opens at 100k / 1M.",

@@ -53,7 +53,7 @@ CHECKS = ("envelope", "registry", "aead", "record_key", "clock", "sample_count",
 NORM_CHUNK = 1 << 16  # elements per float32 dot product; partial sums are added in float64
 # A batch is admitted in three Redis calls (see admission_split): while Redis runs one, this process opens and
 # checks the next records, and only the last call's Redis time is waited for. Sizes: half, three eighths, an
-# eighth. Each call costs ~0.2 ms of client time (AdmissionChannel) and Redis takes ~6 us per record against
+# eighth. Each call costs ~0.2 ms of client time (AdmissionChannel) and Redis takes ~5 us per record against
 # ~30 us of local work per 10k-parameter record (on the 2-vCPU machine of bench/results), so each part's local work
 # covers Redis' time for the part before, and the last part, whose Redis time nothing hides, is small.
 SPLIT_AT = (0.5, 0.875)
