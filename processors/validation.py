@@ -250,6 +250,7 @@ class Validator:
     num_params: int
     redis: aioredis.Redis
     _keys: dict[str, _Key] = field(default_factory=dict)  # device id -> its registry key, as last read
+    _one_batch_at_a_time: asyncio.Lock = field(default_factory=asyncio.Lock)  # one admission call out at most
 
     def __post_init__(self) -> None:
         self._admission = AdmissionChannel(self.redis, registry.ADMIT_LUA)
@@ -275,7 +276,8 @@ class Validator:
         """
         outcomes: list = [None] * len(items)
         try:
-            await self._validate_into(items, outcomes)
+            async with self._one_batch_at_a_time:  # the admission channel pairs each reply with the call before it
+                await self._validate_into(items, outcomes)
         except Exception as exc:  # Redis unreachable after retries, or a bug: never let it stop the pipeline
             log.exception("validation of a batch of %d records failed", len(items))
             for i, outcome in enumerate(outcomes):

@@ -378,3 +378,18 @@ def test_a_connection_lost_between_send_and_reply_gets_the_same_answers(env, mon
     assert len(failures) == 1  # the reply was lost with the connection, and the call was sent again
     state = registry.admission_state(admin, env.settings, "d")
     assert state["seq"] == "1" and state["delivery"] == "u1@0:7" and float(state["tokens"]) == 999.0
+
+
+def test_concurrent_batches_on_one_validator_each_get_their_own_answers(env):
+    f = env.fleet
+    for d in ("a", "b"):
+        f.enroll(d)
+
+    async def scenario(make):
+        v = make()
+        good = [(f.seal("a"), b"a", f"0:{i}") for i in range(40)]
+        bad = [(f.seal("b", seq=1), b"b", f"1:{i}") for i in range(40)]  # one fresh, then 39 replays
+        return await asyncio.gather(codes(v, good), codes(v, bad))
+
+    good, bad = env.run(scenario)
+    assert good == ["ok"] * 40 and bad == ["ok"] + ["replay"] * 39
