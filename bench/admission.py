@@ -12,11 +12,8 @@ per-record decisions, and the ``MSET`` write. The stages' differences say what e
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedguard import registry  # noqa: E402
 from fedguard.settings import Settings  # noqa: E402
-from fedguard.stack import redis_binary, wait_for_port  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
+from _redis import local_redis
 
 # (label, the first line of ADMIT_LUA that the cut-short script no longer runs)
 STAGES = [("parse the records", "-- the devices:"), ("+ MGET registry entries and state", "local sseqs, sseq"),
@@ -39,12 +36,6 @@ def cut_after(stage_end: str | None) -> str:
     if stage_end is None:
         return registry.ADMIT_LUA
     return registry.ADMIT_LUA[:registry.ADMIT_LUA.index(stage_end)] + "return ''\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(client: redis.Redis, settings: Settings, records: int, calls: int, repeat: int) -> list[tuple[str, float]]:
@@ -77,21 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", default="bench/results/admission.md")
     args = parser.parse_args(argv)
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="fedguard-bench-redis-")
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port("127.0.0.1", port, 15, proc)
-        client = redis.Redis(port=port, decode_responses=True)
+    with local_redis() as redis_url:
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
         settings = Settings(redis_prefix="bench", model_id="bench", rate_device_capacity=1e12,
                             rate_global_capacity=1e12)
         rows = measure(client, settings, args.records, args.calls, args.repeat)
         server = client.info("server")["redis_version"]
-    finally:
-        proc.terminate()
-        proc.wait(10)
     command = (f"python bench/admission.py --records {args.records} --calls {args.calls} --repeat {args.repeat} "
                f"--out {args.out}")
     lines = ["# Admission script: Redis server time per record", "", f"Command: `{command}`", "",

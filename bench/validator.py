@@ -27,12 +27,10 @@ import json
 import multiprocessing
 import os
 import platform
-import socket
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,19 +50,14 @@ from fedguard.codec import decode_tensor, encode_tensor  # noqa: E402
 from fedguard.envelope import UpdateHeader  # noqa: E402
 from fedguard.keys import public_to_hex  # noqa: E402
 from fedguard.settings import Settings  # noqa: E402
-from fedguard.stack import redis_binary, wait_for_port  # noqa: E402
+from fedguard.stack import redis_binary  # noqa: E402
 from processors.allocator import keep_freed_memory  # noqa: E402
 from processors.validation import ValidUpdate, Validator, byte_bounded  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
+from _redis import local_redis
 
 DEVICES = 1024  # each batch of 256 records comes from 256 different devices, as in a round of the pipeline
 RECORD_OVERHEAD = 400  # envelope prefix, header, nonce, tag, fgt1 header: roughly
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_records(size: int, count: int, server: X25519PrivateKey, model_id: str, seed: int = 0):
@@ -235,16 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     tuned = False if args.no_malloc_tuning else keep_freed_memory()
 
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="fedguard-bench-redis-")
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     interference = None
-    try:
-        wait_for_port("127.0.0.1", port, 15, proc)
-        redis_url = f"redis://127.0.0.1:{port}/0"
+    with local_redis() as redis_url:
         server = X25519PrivateKey.generate()
         bar = tqdm(total=len(sizes) * args.repeat, desc="validator bench", unit="run")
         for size in sizes:
@@ -271,9 +257,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             del records
         bar.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
     write_results(args, rows, Path(args.out), tuned, interference)
     for row in rows:
         print(f"{row['params']:>9,} params: floor {row['floor_per_s']:>9,.0f}/s  validator "
