@@ -58,8 +58,7 @@ _NUMBERS = struct.Struct(">qqdq")  # seq, base_version, timestamp, num_samples
 _ID_FIELDS = ("device_id", "update_id", "model_id", "codec")  # in wire order, after the numbers
 MIN_HEADER_BYTES = _NUMBERS.size + 2 * len(_ID_FIELDS)
 MAX_HEADER_BYTES = _NUMBERS.size + (1 + MAX_ID_BYTES) * len(_ID_FIELDS)
-_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")  # used with fullmatch: no trailing newline slips through
-_ID_BYTES = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+_ID_BYTES = re.compile(rb"[A-Za-z0-9._-]{1,128}")  # used with fullmatch: no trailing newline slips through
 _MAX_INT = 2**53  # exact in Redis' Lua numbers (and in JSON doubles, where the records carry these values)
 _HKDF_LABEL = b"fedguard/v2/update|"
 
