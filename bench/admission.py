@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedguard import registry  # noqa: E402
 from fedguard.settings import Settings  # noqa: E402
+from fedguard.stack import temporary_redis  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
-from _redis import local_redis
 
 # (label, the first line of ADMIT_LUA that the cut-short script no longer runs)
 STAGES = [("parse the records", "-- the devices:"), ("+ MGET registry entries and state", "local sseqs, sseq"),
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", default="bench/results/admission.md")
     args = parser.parse_args(argv)
-    with local_redis() as redis_url:
+    with tempfile.TemporaryDirectory(prefix="fedguard-bench-redis-") as workdir, temporary_redis(workdir) as redis_url:
         client = redis.Redis.from_url(redis_url, decode_responses=True)
         settings = Settings(redis_prefix="bench", model_id="bench", rate_device_capacity=1e12,
                             rate_global_capacity=1e12)

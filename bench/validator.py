@@ -31,6 +31,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,11 +51,10 @@ from fedguard.codec import decode_tensor, encode_tensor  # noqa: E402
 from fedguard.envelope import UpdateHeader  # noqa: E402
 from fedguard.keys import public_to_hex  # noqa: E402
 from fedguard.settings import Settings  # noqa: E402
-from fedguard.stack import redis_binary  # noqa: E402
+from fedguard.stack import redis_binary, temporary_redis  # noqa: E402
 from processors.allocator import keep_freed_memory  # noqa: E402
 from processors.validation import ValidUpdate, Validator, byte_bounded  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
-from _redis import local_redis
 
 DEVICES = 1024  # each batch of 256 records comes from 256 different devices, as in a round of the pipeline
 RECORD_OVERHEAD = 400  # envelope prefix, header, nonce, tag, fgt1 header: roughly
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     interference = None
-    with local_redis() as redis_url:
+    with tempfile.TemporaryDirectory(prefix="fedguard-bench-redis-") as workdir, temporary_redis(workdir) as redis_url:
         server = X25519PrivateKey.generate()
         bar = tqdm(total=len(sizes) * args.repeat, desc="validator bench", unit="run")
         for size in sizes:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -51,6 +52,32 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_command(port: int, directory: Path | str) -> list[str]:
+    """A redis-server on loopback ``port`` that keeps nothing on disk (``directory`` is its working dir)."""
+    return [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(Path(directory).resolve())]
+
+
+@contextlib.contextmanager
+def temporary_redis(directory: Path | str):
+    """Yields the URL of a redis-server started on a free port for the block (tests and benchmarks), stopped after."""
+    port = free_port()
+    proc = subprocess.Popen(redis_command(port, directory), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, 15, proc)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -178,8 +205,7 @@ class EmbeddedStack:
             raise RuntimeError(f"port {port} is taken; set FEDGUARD_REDIS_PORT or REDIS_URL")
         redis_dir = self.settings.data_dir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
-        proc = self._spawn("redis", [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                     "--appendonly", "no", "--dir", str(redis_dir.resolve())])
+        proc = self._spawn("redis", redis_command(port, redis_dir))
         wait_for_port("127.0.0.1", port, 15, proc)
 
     def start_service(self, name: str, *args: str) -> subprocess.Popen:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -14,18 +13,12 @@ import pytest
 
 from fedguard import records
 from fedguard.settings import Settings, Topics
-from fedguard.stack import broker_binary, redis_binary, wait_for_port
+from fedguard.stack import broker_binary, free_port, temporary_redis, wait_for_port
 from fedguard.topicio import read_until_idle
 
 
 # kafka-python logs every closed connection at ERROR; on a failure that would bury the assertion.
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -51,17 +44,8 @@ def redis_url(tmp_path_factory):
     if os.environ.get("FEDGUARD_TEST_REDIS_URL"):
         yield os.environ["FEDGUARD_TEST_REDIS_URL"]
         return
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port("127.0.0.1", port, 15, proc)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with temporary_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 _counter = itertools.count()
