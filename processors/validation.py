@@ -115,14 +115,7 @@ def check_content(header: UpdateHeader, payload: bytes, *, num_params: int, sett
     if header.codec != CODEC_NAME:
         raise RejectError(Reason.UNSUPPORTED_CODEC, f"codec {header.codec!r}, expected {CODEC_NAME!r}")
     tensor = exact_float32_vector(payload, num_params)
-    if tensor is not None and num_params <= NORM_CHUNK:
-        # What every honest small update is: dtype and shape are right, and one float32 dot product is the whole
-        # of sum_of_squares; a finite norm within the bound is what finite_norm would return, anything else goes
-        # there for its reason code (NaN fails the comparison, Inf exceeds the bound).
-        norm = math.sqrt(float(tensor.dot(tensor)))
-        if norm <= settings.max_update_norm:
-            return tensor, norm
-    if tensor is not None:
+    if tensor is not None:  # what every honest update is: the dtype and shape checks below would pass
         return tensor, finite_norm(tensor, settings.max_update_norm)
     tensor = decode_tensor(payload, num_params)
     if tensor.dtype != np.float32:
