@@ -81,6 +81,8 @@ def decode_tensor(buf: bytes | memoryview, max_elements: int) -> np.ndarray:
     if len(view) < dims_end:
         raise RejectError(Reason.BAD_TENSOR, "tensor truncated inside its shape")
     shape = struct.unpack_from(f"<{ndim}I", view, _FIXED.size)
+    if 0 in shape:  # an empty tensor is no update, and numpy refuses some empty shapes (huge other dims)
+        raise RejectError(Reason.BAD_TENSOR, f"shape {shape} has a zero dimension")
     count = math.prod(shape)  # Python int: no overflow whatever the attacker declares
     if count > max_elements:
         raise RejectError(Reason.OVERSIZED, f"declared {count} elements, bound is {max_elements}")

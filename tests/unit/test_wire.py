@@ -167,3 +167,9 @@ def test_huge_declared_shape_is_rejected_without_allocation():
 def test_codec_rejects_mangled_tensors(mutate, reason):
     good = encode_tensor(np.ones(6, np.float32))
     assert reason_of(decode_tensor, mutate(good), 100) is reason
+
+
+def test_an_empty_shape_with_huge_other_dims_is_a_bad_tensor():
+    # Found by hypothesis: numpy cannot even view an empty array of this shape (its other dims overflow).
+    raw = b"FGT1" + bytes([2, 4, 0, 0]) + struct.pack("<4I", 0, 23540, 47081, 1_040_273_662)
+    assert reason_of(decode_tensor, raw, 4096) is Reason.BAD_TENSOR
