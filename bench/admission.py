@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedguard-bench-redis-") as workdir, temporary_redis(workdir) as redis_url:
         client = redis.Redis.from_url(redis_url, decode_responses=True)
         settings = Settings(redis_prefix="bench", model_id="bench", rate_device_capacity=1e12,
-                            rate_global_capacity=1e12)
+                            rate_global_capacity=1e12, one_update_per_window=False)  # many per device
         rows = measure(client, settings, args.records, args.calls, args.repeat)
         server = client.info("server")["redis_version"]
     command = (f"python bench/admission.py --records {args.records} --calls {args.calls} --repeat {args.repeat} "

@@ -184,7 +184,8 @@ async def _validator(publics, server, size: int, redis_url: str, prefix: str, co
     """A validator on a fresh namespace with the devices enrolled, and its clean-up (which checks that every
     record was accepted: rate limits are raised so they admit everything; the bucket arithmetic still runs)."""
     settings = Settings(redis_url=redis_url, redis_prefix=prefix, model_id="bench", max_update_norm=1e9,
-                        rate_device_capacity=count, rate_global_capacity=count * 2)
+                        rate_device_capacity=count, rate_global_capacity=count * 2,
+                        one_update_per_window=False)  # many updates per device and version
     sync = redis.Redis.from_url(redis_url, decode_responses=True)
     for device_id, public_hex in publics.items():
         registry.register_device(sync, settings, device_id, public_hex)

@@ -43,6 +43,7 @@ class Reason(str, Enum):
     # Model version.
     FUTURE_VERSION = "future_version"
     STALE = "stale"
+    WINDOW_DUPLICATE = "window_duplicate"
     # Not the sender's fault.
     INTERNAL_ERROR = "internal_error"
 
@@ -87,6 +88,8 @@ MEANINGS: dict[Reason, tuple[str, str]] = {
     Reason.NORM_BOUND: ("content", "L2 norm of the update above max_update_norm"),
     Reason.FUTURE_VERSION: ("version", "base model version not published yet (or no version published at all)"),
     Reason.STALE: ("version", "base model version older than the current one minus max_staleness"),
+    Reason.WINDOW_DUPLICATE: ("version", "a second update from this device for a base version it already had an "
+                                         "update accepted for: one update per device per window"),
     Reason.INTERNAL_ERROR: ("server", "the validator failed (a bug, or Redis unreachable after retries); not the "
                                       "sender's fault, investigate the processors log"),
 }

@@ -6,7 +6,7 @@ Every key is namespaced by ``Settings.redis_prefix`` (default ``fedguard``):
 |---|---|---|
 | ``fedguard:device:<id>`` | hash | registry: ``public_key`` (X25519, hex), ``status`` (active, quarantined, revoked), ``enrolled_at``, ``key_version``, ``key_rotated_at``, ``revoked_at``, ``status_reason`` |
 | ``fedguard:auth:<id>`` | string | ``<status> <public key hex>``: the two registry fields admission needs, rewritten from the hash in the same script as every change to them (:data:`UPDATE_DEVICE_LUA`), so admission reads all the devices of a call with one ``MGET`` |
-| ``fedguard:seq:<id>`` | string | admission state, written only by the admission script: ``<seq>\\0<delivery>\\0<tokens>\\0<tokens_ts>\\0`` (NUL-ended fields: one ``struct.unpack`` in Lua; :func:`admission_state` reads it): the sequence number of the last accepted update and its ``<update id>@<raw partition>:<offset>`` (replay protection), then the device's token bucket; ``-`` for a field not set yet. Kept when a device is enrolled again |
+| ``fedguard:seq:<id>`` | string | admission state, written only by the admission script: ``<seq>\\0<delivery>\\0<tokens>\\0<tokens_ts>\\0<window base>\\0`` (NUL-ended fields: one ``struct.unpack`` in Lua; :func:`admission_state` reads it): the sequence number of the last accepted update and its ``<update id>@<raw partition>:<offset>`` (replay protection), then the device's token bucket, then the highest base version it had an update accepted for (one update per device per window); ``-`` for a field not set yet (a state written before the last field existed has four). Kept when a device is enrolled again |
 | ``fedguard:devices`` | set | every enrolled device id |
 | ``fedguard:ingress`` | hash | ``tokens`` and ``ts`` of the global ingress bucket |
 | ``fedguard:noted:<kind>:<id>`` | string, expires | set when a security event of ``kind`` (rate_limited, replay) was emitted for device ``<id>``; ``fedguard:noted:ingress_limited`` for the global bucket. Bounds events to one per ``security_event_interval_s`` |
@@ -44,14 +44,18 @@ AUDIT_LENGTH = 10_000
 #      ('ingress_limited'); both or neither are taken. Only authentic, fresh records get here, so a forger or a
 #      replayer cannot drain an honest device's bucket;
 #   4. the first local check that failed (clock skew, sample count, codec, tensor), if any: its token stays spent;
-#   5. the base version against the current one ('future_version', 'stale'); then the sequence number advances.
+#   5. the base version against the current one ('future_version', 'stale');
+#   6. one update per device per window: the base version must be above the highest one this device already had an
+#      update accepted for ('window_duplicate'), so a device (or a flood from it) holds at most one seat in the
+#      window of a base version, across workers and restarts; then the sequence number advances.
 # Security events (rate_limited, ingress_limited, replay) are flagged at most once per device (globally for
 # ingress) per interval, with SET NX PX, so a flood produces one event, not one per record.
 # Time comes from the Redis server (TIME), so every processors worker sees the same buckets.
 #
 # ARGV: prefix, device capacity, device refill/s, global capacity, global refill/s, event interval (ms), max
 # staleness, model id, then the records, each six fields ended by a NUL byte: "<device id>\0<public key hex>\0<seq>\0
-# <delivery>\0<local reason or ->\0<base version>\0" (ids match [A-Za-z0-9._-]+, so no NUL can occur inside a field).
+# <delivery>\0<local reason or ->\0<base version>\0" (ids match [A-Za-z0-9._-]+, so no NUL can occur inside a field),
+# then '1', or '0' to turn step 6 off (Settings.one_update_per_window).
 # Returns one line per record: "<code> <1 if an event should be emitted, else 0> <info or ->".
 # Cost: the records are read with one struct.unpack each, and the registry entries and admission state of all the
 # call's devices with two MGETs and written back with one MSET: a redis.call per record (an HMGET and an HSET, ~6 us
@@ -67,6 +71,7 @@ local prefix = ARGV[1]
 local dcap, drate = tonumber(ARGV[2]), tonumber(ARGV[3])
 local gcap, grate = tonumber(ARGV[4]), tonumber(ARGV[5])
 local interval, staleness = tonumber(ARGV[6]), tonumber(ARGV[7])
+local one_per_window = ARGV[10] ~= '0'
 local gkey = prefix .. ':ingress'
 local g = redis.call('HMGET', gkey, 'tokens', 'ts')
 local gtokens = tonumber(g[1]) or gcap
@@ -104,13 +109,14 @@ end
 local akeys, skeys = {}, {}
 for i = 1, #ids do akeys[i] = prefix .. ':auth:' .. ids[i]; skeys[i] = prefix .. ':seq:' .. ids[i] end
 local auth, state = chunked('MGET', akeys), chunked('MGET', skeys)
-local sseqs, sseq, sdel, stok, sts, dirty = {}, {}, {}, {}, {}, {}
+local sseqs, sseq, sdel, stok, sts, swin, dirty = {}, {}, {}, {}, {}, {}, {}
 for i = 1, #ids do
   local s = state[i]
   if s then
-    local tok, ts
-    sseqs[i], sdel[i], tok, ts = struct.unpack('ssss', s)
+    local tok, ts, spos
+    sseqs[i], sdel[i], tok, ts, spos = struct.unpack('ssss', s)
     sseq[i], stok[i], sts[i] = tonumber(sseqs[i]), tonumber(tok), tonumber(ts)
+    if spos <= #s then swin[i] = tonumber((struct.unpack('s', s, spos))) end
   else
     sseqs[i] = '-'; sdel[i] = '-'
   end
@@ -156,10 +162,12 @@ for k = 1, n do
     if not current then code = 'future_version'; info = 'none'
     elseif base > current then code = 'future_version'; info = tostring(current)
     elseif base < current - staleness then code = 'stale'; info = tostring(current)
+    elseif one_per_window and not redelivery and swin[i] and base <= swin[i] then
+      code = 'window_duplicate'; info = tostring(swin[i])
     else
       code = 'ok'
       if not redelivery then
-        sseqs[i] = rseqs[k]; sseq[i] = tonumber(rseqs[k]); sdel[i] = rdel[k]; dirty[i] = true
+        sseqs[i] = rseqs[k]; sseq[i] = tonumber(rseqs[k]); sdel[i] = rdel[k]; swin[i] = base; dirty[i] = true
       end
     end
   end
@@ -170,6 +178,7 @@ for i = 1, #ids do
   if dirty[i] then
     writes[#writes + 1] = skeys[i]
     writes[#writes + 1] = sseqs[i] .. '\0' .. sdel[i] .. '\0' .. (stok[i] or '-') .. '\0' .. (sts[i] or '-') .. '\0'
+      .. (swin[i] or '-') .. '\0'
   end
 end
 if #writes > 0 then chunked('MSET', writes) end
@@ -223,7 +232,7 @@ def admit_args(settings: Settings, records: list[str]) -> list[object]:
     return [settings.redis_prefix, settings.rate_device_capacity, settings.rate_device_refill_per_s,
             settings.rate_global_capacity, settings.rate_global_refill_per_s,
             max(1, int(settings.security_event_interval_s * 1000)), settings.max_staleness, settings.model_id,
-            "".join(records)]
+            "".join(records), "1" if settings.one_update_per_window else "0"]
 
 
 def admission_record(device_id: str, public_hex: str, seq: int, delivery: str, local_reason: str | None,
@@ -233,11 +242,13 @@ def admission_record(device_id: str, public_hex: str, seq: int, delivery: str, l
 
 
 def admission_state(client: redis.Redis, settings: Settings, device_id: str) -> dict[str, str]:
-    """A device's admission state (``seq``, ``delivery``, ``tokens``, ``tokens_ts``; empty before its first)."""
+    """A device's admission state (``seq``, ``delivery``, ``tokens``, ``tokens_ts``, ``window_base``; empty before
+    its first)."""
     value = client.get(seq_key(settings, device_id))
     if value is None:
         return {}
-    return {k: v for k, v in zip(("seq", "delivery", "tokens", "tokens_ts"), value.split("\0")) if v != "-"}
+    return {k: v for k, v in zip(("seq", "delivery", "tokens", "tokens_ts", "window_base"), value.split("\0"))
+            if v != "-"}
 
 
 def fingerprint(public_key_hex: str) -> str:

@@ -60,6 +60,9 @@ class Settings:
     max_staleness: int = 0  # versions an update may lag behind the current global model
     max_sample_count: int = 1_000_000
     max_clock_skew_s: float = 300.0
+    # One update per device per base version (window_duplicate). A defence: without it one enrolled device can fill
+    # a window by itself. Off only in tests of other admission mechanics that send many updates per version.
+    one_update_per_window: bool = True
 
     # Windows.
     window_size: int | None = None  # None: devices_per_round, one window per round
@@ -131,6 +134,10 @@ class Settings:
 
 def _cast(value: str, annotation: Any) -> Any:
     text = str(annotation)
+    if text == "bool":
+        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"expected a boolean (true/false), got {value!r}")
+        return value.lower() in ("1", "true", "yes")
     if "Path" in text:
         return Path(value)
     if "float" in text:

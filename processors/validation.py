@@ -12,8 +12,9 @@ Every byte of a raw record is attacker-controlled. A batch of records is validat
    :func:`admission_split`): the key used must still be the device's and the device active (revoked /
    quarantined), the sequence number fresh (replay), one token from the device's and the global bucket
    (rate_limited / ingress_limited), then the first local failure if any, the base version (future_version /
-   stale), and the sequence number advances. Atomic per record, so a revocation, a rotation or a replay is decided
-   on the registry's state at that moment, across every worker and restart. The rate check sits after
+   stale), one update per device per base version (window_duplicate), and the sequence number advances. Atomic
+   per record, so a revocation, a rotation, a replay or a second seat in a window is decided on the registry's
+   state at that moment, across every worker and restart. The rate check sits after
    authentication and the replay check, so neither a forger nor a replayer
    can drain an honest device's bucket, and before anything is accepted.
 
@@ -464,6 +465,8 @@ class Validator:
             "future_version": ("no global model version has been published yet" if info == "none"
                                else f"base version {h.base_version}, current is {info}"),
             "stale": f"base version {h.base_version}, current is {info}, max staleness {s.max_staleness}",
+            "window_duplicate": f"device {h.device_id!r} already has an update accepted for base version {info}: "
+                                f"one per device per window",
         }
         try:
             reason = Reason(code)

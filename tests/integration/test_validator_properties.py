@@ -35,7 +35,8 @@ class World:
 
     def __init__(self, redis_url: str):
         self.settings = Settings(redis_url=redis_url, redis_prefix=f"fgp-{uuid.uuid4().hex[:8]}", model_id="mp",
-                                 max_update_norm=100.0, rate_device_capacity=1e6, rate_global_capacity=1e9)
+                                 max_update_norm=100.0, rate_device_capacity=1e6, rate_global_capacity=1e9,
+                                 one_update_per_window=False)  # many updates per device and version
         server = X25519PrivateKey.generate()
         self.fleet = Fleet(self.settings, N, server_public=server.public_key())
         for d in HONEST + HOSTILE:

@@ -33,7 +33,9 @@ N = 64
 def env(redis_url, tmp_path):
     settings = Settings(redis_url=redis_url, redis_prefix=f"fgv-{uuid.uuid4().hex[:8]}", model_id="mv",
                         data_dir=tmp_path, max_update_norm=100.0, rate_device_capacity=1000.0,
-                        rate_global_capacity=100000.0)
+                        rate_global_capacity=100000.0,
+                        # these tests send many updates per device for one version; the one-per-window rule has its own
+                        one_update_per_window=False)
     server = X25519PrivateKey.generate()
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.set(registry.model_version_key(settings), 0)
@@ -393,3 +395,52 @@ def test_concurrent_batches_on_one_validator_each_get_their_own_answers(env):
 
     good, bad = env.run(scenario)
     assert good == ["ok"] * 40 and bad == ["ok"] + ["replay"] * 39
+
+
+# -- one update per device per window (issue 9, item 1) -----------------------------------------------------------
+
+def test_one_update_per_device_per_base_version_across_restarts_and_floods(env):
+    """A device holds at most one seat in the window of a base version: a second update, a flood, or the same after a
+    worker restart gets ``window_duplicate``; a re-delivery of the accepted record keeps its answer; the next base
+    version is open again; other devices are unaffected."""
+    f = env.fleet
+    for d in ("dev-a", "dev-b"):
+        f.enroll(d)
+    client = f.redis
+
+    async def scenario(make):
+        v1 = make()
+        first = f.seal("dev-a", base=0)
+        out = [await codes(v1, [(first, b"dev-a", "0:1")])]
+        flood = [(f.seal("dev-a", base=0), b"dev-a", f"0:{10 + i}") for i in range(20)]
+        out.append(await codes(v1, flood + [(f.seal("dev-b", base=0), b"dev-b", "0:40")]))
+        v2 = make()  # a restarted worker
+        out.append(await codes(v2, [(first, b"dev-a", "0:1"),  # the same record re-delivered after a crash
+                                    (f.seal("dev-a", base=0), b"dev-a", "0:41")]))
+        client.set(registry.model_version_key(env.settings), 1)
+        out.append(await codes(v2, [(f.seal("dev-a", base=1), b"dev-a", "0:42"),
+                                    (f.seal("dev-a", base=1), b"dev-a", "0:43")]))
+        return out
+
+    single, flood, restarted, next_version = env.run(scenario, one_update_per_window=True)
+    assert single == ["ok"]
+    assert flood == ["window_duplicate"] * 20 + ["ok"]
+    assert restarted == ["ok", "window_duplicate"]
+    assert next_version == ["ok", "window_duplicate"]
+    assert registry.admission_state(client, env.settings, "dev-a")["window_base"] == "1"
+
+
+def test_window_duplicate_detail_names_the_version_and_a_state_from_before_the_rule_is_read(env):
+    f = env.fleet
+    f.enroll("dev-o")
+    # An admission state written before the window field existed (four fields): read, not an error.
+    f.redis.set(registry.seq_key(env.settings, "dev-o"), "0\0u@0:0\0-\0-\0")
+
+    async def scenario(make):
+        v = make()
+        return await v.validate_batch([(f.seal("dev-o", base=0), b"dev-o", "0:1"),
+                                       (f.seal("dev-o", base=0), b"dev-o", "0:2")])
+
+    ok, dup = env.run(scenario, one_update_per_window=True)
+    assert code(ok) == "ok" and code(dup) == "window_duplicate"
+    assert dup.authenticated and dup.device_id == "dev-o" and "base version 0" in dup.detail
