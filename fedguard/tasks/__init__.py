@@ -10,6 +10,7 @@ Public API::
 from .data import TASKS, TaskData, dirichlet_split, load_task, read_idx, write_idx
 from .models import DEFAULT_TRAINING, ModelSpec, build_model, get_flat_params, model_spec, set_flat_params
 from .training import evaluate, local_train
+from .backdoor import Trigger, apply_trigger, backdoor_accuracy, backdoor_eval_set, pixel_pattern, target_rate
 
 __all__ = [
     "DEFAULT_TRAINING",
@@ -26,4 +27,10 @@ __all__ = [
     "read_idx",
     "set_flat_params",
     "write_idx",
+    "Trigger",
+    "apply_trigger",
+    "backdoor_accuracy",
+    "backdoor_eval_set",
+    "pixel_pattern",
+    "target_rate",
 ]
