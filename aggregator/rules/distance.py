@@ -234,18 +234,38 @@ def bulyan(updates: np.ndarray, f: int) -> AggregateResult:
        i.e. the average of the :math:`\beta` values closest to the
        coordinate-wise median of the selection.
 
-    Matches Flower's ``aggregate_bulyan(..., aggregation_rule=aggregate_krum,
-    to_keep=0)`` exactly; differences from the paper, both Flower's:
+    Differences from the paper (the first and the last are Flower's too):
 
     * inside the loop Krum uses ``k = max(1, m - f - 2)`` neighbours on a
       remaining set of size ``m``; once :math:`m \le 2f + 2` the paper's
       Krum precondition no longer holds (the paper does not say what to do)
       and at least one neighbour is used;
-    * Krum ties are broken by the lowest original index; ties in
-      :math:`|x_k - \mathrm{med}_k|` at the :math:`\beta` boundary are
-      broken arbitrarily (``numpy.argpartition``), as in Flower;
+    * ties are broken by the lowest original index, both in Krum (as in
+      Flower) and in :math:`M_k` when more values than fit lie at exactly the
+      :math:`\beta`-th smallest distance from the median (e.g. the median
+      is 0, one slot is left and the selection holds both -1 and 1: the
+      member with the lower index wins).  The paper does not break ties;
+      any tie-break gives a set :math:`M_k` of the definition;
     * for even :math:`\theta` the median is the mean of the two middle
       values.
+
+    Agreement with Flower's ``aggregate_bulyan(..., aggregation_rule=
+    aggregate_krum, to_keep=0)`` (``tests/unit/test_rules_flower.py``):
+    the selection is identical, and so is the output wherever the
+    :math:`\beta` closest values are unique, i.e. on continuous data.  They
+    differ (1) where the :math:`\beta` boundary is tied between different
+    values (integer or quantised updates): Flower keeps whichever tied value
+    ``numpy.argpartition`` happens to place first, over the members in
+    selection order; both choices are sets :math:`M_k` of the definition,
+    with the same total distance to the median; and (2) on float32 input,
+    where Flower computes in float32 and can resolve a near-tie differently
+    from our float64 arithmetic.
+
+    Cost: one sort of the :math:`\theta` values per coordinate (for the
+    median, and to find the :math:`\beta`-th smallest distance from the
+    ends of the :math:`\theta - \beta + 1` windows of consecutive sorted
+    values), then O(:math:`\theta`) vectorised passes, see
+    :func:`_mean_closest_to_median`.
 
     Preconditions: :math:`n \ge 4f + 3`, ``f >= 0``.
 
@@ -260,39 +280,79 @@ def bulyan(updates: np.ndarray, f: int) -> AggregateResult:
     beta = theta - 2 * f
     rows = np.sort(order)
     out = np.empty(d)
-    cols = np.arange(theta)
-    trim = theta - beta  # = 2f
 
     def work(a0: int, a1: int) -> None:
-        # 4x narrower blocks than usual: a few (w, theta) temporaries are alive
-        buf = np.empty((block_width(4 * theta, a1 - a0), theta))
+        # 4x narrower blocks than usual: a few (w, theta) buffers are alive
+        width = block_width(4 * theta, a1 - a0)
+        buf = np.empty((width, theta))
+        ws = _Workspace(width, theta, beta)
         for sl in iter_blocks(a0, a1, 4 * theta):
-            # (w, theta) float64, every coordinate's values contiguous, sorted
+            # (w, theta) float64: one row per coordinate, members in ascending index order
             t = buf[: sl.stop - sl.start]
             np.copyto(t, x[rows, sl].T)
-            t.sort(axis=1)
-            if theta % 2:
-                med = t[:, theta // 2]
+            if beta == theta:
+                t.mean(axis=1, out=out[sl])
             else:
-                med = 0.5 * (t[:, theta // 2 - 1] + t[:, theta // 2])
-            if trim == 0:
-                out[sl] = t.mean(axis=1)
-                continue
-            # The beta values closest to the median are a contiguous window
-            # t[:, s:s+beta] of the sorted values.  Sliding the window from j
-            # to j+1 swaps t[j] for t[j+beta] and helps iff
-            # |t[j] - med| > |t[j+beta] - med|; for distinct values that test
-            # holds for a prefix of j = 0 .. 2f-1, so s = how often it holds.
-            left = np.abs(t[:, :trim] - med[:, None])
-            right = np.abs(t[:, beta:] - med[:, None])
-            s = np.count_nonzero(left > right, axis=1)
-            inside = (cols >= s[:, None]) & (cols < (s + beta)[:, None])
-            out[sl] = np.sum(t, axis=1, where=inside) / beta
+                _mean_closest_to_median(t, beta, out[sl], ws)
 
     run_ranges(work, d, theta)
     check_finite_stats(out, "the aggregate")
     info = {"f": f, "theta": int(theta), "beta": int(beta), "order": to_list(order)}
     return result(out, order, info, "bulyan")
+
+
+def _mean_closest_to_median(t: np.ndarray, beta: int, out: np.ndarray, ws: _Workspace | None = None) -> None:
+    """Bulyan's aggregation step on one block: for every row of ``t`` (one
+    coordinate; its ``theta`` values in member order, ascending index),
+    ``out[row]`` = the mean of the ``beta`` values closest to the row's
+    median.
+
+    Exact, ties included.  With ``r`` the ``beta``-th smallest distance to
+    the median, every value closer than ``r`` is taken; when more values lie
+    at exactly ``r`` than there are slots left, the slots go to the lowest
+    member indices.  ``r`` comes from the sorted row: the ``beta`` closest
+    values are ``beta`` consecutive sorted values (all values within ``r``
+    of the median are consecutive), so ``r`` is the smallest, over the
+    ``theta - beta + 1`` windows of ``beta`` consecutive values, of the
+    window's larger end distance.  One sort per row, which the median needs
+    anyway; the member-order pass runs only on the rows with a tie at ``r``.
+    ``ws`` holds reused buffers (fresh ones per block cost page faults).
+    """
+    w, theta = t.shape
+    ws = ws or _Workspace(w, theta, beta)
+    s, dist, take = ws.s[:w], ws.dist[:w], ws.take[:w]
+    lo, hi = ws.lo[:w], ws.hi[:w]
+    h = theta // 2
+    np.copyto(s, t)
+    s.sort(axis=1)
+    med = s[:, h : h + 1] if theta % 2 else 0.5 * (s[:, h - 1 : h] + s[:, h : h + 1])  # (w, 1)
+    # window j = s[:, j : j + beta]; its farthest value is one of its ends (med - s_j and s_{j+beta-1} - med are
+    # the same floats as |s - med|: IEEE subtraction is sign-symmetric)
+    np.subtract(med, s[:, : theta - beta + 1], out=lo)
+    np.subtract(s[:, beta - 1 :], med, out=hi)
+    r = np.maximum(lo, hi, out=lo).min(axis=1, keepdims=True)
+    np.abs(np.subtract(t, med, out=dist), out=dist)
+    np.less_equal(dist, r, out=take)
+    surplus = np.count_nonzero(take, axis=1) - beta  # values at distance r that do not fit
+    tied = np.flatnonzero(surplus > 0)
+    if tied.size:
+        d_t, r_t = dist[tied], r[tied]
+        at_r = d_t == r_t
+        slots = np.count_nonzero(at_r, axis=1) - surplus[tied]
+        take[tied] = (d_t < r_t) | (at_r & (np.cumsum(at_r, axis=1) <= slots[:, None]))
+    np.multiply(t, take, out=dist).sum(axis=1, out=out)
+    out /= beta
+
+
+class _Workspace:
+    """Buffers of :func:`_mean_closest_to_median` for blocks of up to ``rows`` coordinates."""
+
+    def __init__(self, rows: int, theta: int, beta: int):
+        self.s = np.empty((rows, theta))
+        self.dist = np.empty((rows, theta))
+        self.take = np.empty((rows, theta), dtype=bool)
+        self.lo = np.empty((rows, theta - beta + 1))
+        self.hi = np.empty((rows, theta - beta + 1))
 
 
 # --------------------------------------------------------------------------- #

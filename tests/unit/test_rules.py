@@ -715,7 +715,7 @@ def test_blocked_parallel_matches_plain_numpy(tiny_blocks, dtype):
     diffs = x64
     dn = np.linalg.norm(diffs, axis=1)
     np.testing.assert_allclose(cc.vector, (diffs * np.minimum(1, 5.0 / dn)[:, None]).mean(0), atol=tol)
-    # Bulyan's window trick against the argpartition formulation
+    # Bulyan's coordinate phase against the argpartition formulation (no ties in continuous data)
     sel = bulyan_select(x, 2)
     s_vals = x64[np.sort(sel)]
     med = np.median(s_vals, axis=0)

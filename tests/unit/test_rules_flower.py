@@ -18,8 +18,14 @@ flwr 1.41:
   not check n > 2f + 2; we do, so inputs here satisfy it.
 * ``aggregate_bulyan(results, num_malicious, aggregate_krum, to_keep=0)``:
   iterated Krum on the shrinking set, then coordinate-wise mean of the beta
-  values closest to the median == our ``bulyan``.  It pops from the list it
-  is given, so it gets a copy.
+  values closest to the median == our ``bulyan`` wherever those beta values
+  are unique (continuous data).  Where the beta boundary is tied between
+  different values (median 0, one slot, both -1 and 1 present: integer or
+  quantised updates), Flower keeps whichever ``np.argpartition`` places
+  first and we keep the lower member index; both are sets of the definition
+  (same total distance to the median), see
+  ``test_bulyan_on_tied_data_differs_from_flower_only_in_the_tie_break``.
+  It pops from the list it is given, so it gets a copy.
 
 Flower computes in the input's dtype, we accumulate in float64.  On float32
 input that can resolve a near-tie differently: in the benchmark (n = 50,
@@ -148,6 +154,41 @@ def test_bulyan_matches_flower(seed, n, f, dtype):
         _results(x), num_malicious=f, aggregation_rule=flwr_agg.aggregate_krum, to_keep=0
     )[0]
     np.testing.assert_allclose(bulyan(x, f).vector, ref, rtol=0, atol=_tol(dtype))
+
+
+def _ambiguous_coordinates(s: np.ndarray, beta: int) -> np.ndarray:
+    """Coordinates of the selection ``s`` (theta, d) whose beta closest values to the median are not unique:
+    more values than fit lie at the beta-th smallest distance r, and they are not all equal."""
+    med = np.median(s, axis=0)
+    dist = np.abs(s - med)
+    r = np.sort(dist, axis=0)[beta - 1]
+    surplus = (dist <= r).sum(axis=0) > beta
+    both_sides = ((s == med - r).any(axis=0) & (s == med + r).any(axis=0)) & (r > 0)
+    return surplus & both_sides
+
+
+@pytest.mark.parametrize(("n", "f"), [(11, 2), (15, 3), (19, 4)])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bulyan_on_tied_data_differs_from_flower_only_in_the_tie_break(seed, n, f):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, size=(n, 500)).astype(np.float64)
+    x[:f] *= 7
+    ref = flwr_agg.aggregate_bulyan(
+        _results(x), num_malicious=f, aggregation_rule=flwr_agg.aggregate_krum, to_keep=0
+    )[0]
+    res = bulyan(x, f)
+    s = x[res.selected]
+    beta = res.info["beta"]
+    ambiguous = _ambiguous_coordinates(s, beta)
+    assert ambiguous.any()  # the data does exercise the tie-break
+    differ = ~np.isclose(res.vector, ref, rtol=0, atol=1e-12)
+    assert not (differ & ~ambiguous).any(), np.flatnonzero(differ & ~ambiguous)
+    # where they differ, both are means of beta values at the same (minimal) total distance from the median:
+    # the two means differ by a multiple of 2r / beta (a value med - r swapped for med + r)
+    med = np.median(s, axis=0)
+    r = np.sort(np.abs(s - med), axis=0)[beta - 1]
+    steps = (res.vector - ref)[differ] * beta / (2 * r[differ])
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)
 
 
 def test_flower_bulyan_precondition_is_ours():
