@@ -7,6 +7,7 @@
     fedguard devices revoke|rotate ID   revoke a device / give it a new key (operator credential)
     fedguard devices list       the registry: status and key fingerprint of each device
     fedguard inject KIND        attack traffic on the raw topic of a running pipeline (garbage, tamper, replay, flood)
+    fedguard attack KIND        insider poisoning: compromise a fraction of the enrolled devices (status, stop)
     fedguard rejected           the dead-letter topic: counts by reason code and the last records with their detail
     fedguard events             the security events on fl.events
     fedguard reasons            the reason codes and what each means
@@ -104,9 +105,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fedguard.demo import run_demo
+    import json
 
-    return run_demo(settings_from(args), rounds=args.rounds, plot=args.plot, fresh=not args.resume)
+    from fedguard.demo import AttackPlan, run_demo
+
+    attack = None
+    if args.attack:
+        try:
+            params = json.loads(args.attack_params) if args.attack_params else {}
+        except json.JSONDecodeError as exc:
+            print(f"fedguard demo: --attack-params is not JSON ({exc}); e.g. '{{\"target\": 0}}'", file=sys.stderr)
+            return 2
+        attack = AttackPlan(args.attack, args.fraction, start_round=args.attack_start, rounds=args.attack_rounds,
+                            params=params)
+    return run_demo(settings_from(args), rounds=args.rounds, plot=args.plot, fresh=not args.resume, attack=attack)
 
 
 def _operator_call(fn):
@@ -290,6 +302,49 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    import json
+
+    from fedguard import registry
+    from producers import campaign
+
+    settings = settings_from(args)
+    client = registry.connect(settings)
+    if args.kind == "stop":
+        stopped = campaign.stop(client, settings)
+        print("no campaign is running" if stopped is None else
+              f"campaign {stopped.id} ({stopped.kind}) stopped; the fleet trains honestly from the next round")
+        return 0
+    if args.kind == "status":
+        running = campaign.load(client, settings)
+        if running is None:
+            print("no campaign (start one with: fedguard attack KIND --fraction F)")
+            return 0
+        sent = campaign.ledger(client, settings)
+        mine = [e for e in sent if e.get("campaign") == running.id]
+        state = "stopped" if running.stopped_at else "running"
+        print(f"campaign {running.id}: {running.kind} ({state}), {len(running.devices)} compromised devices "
+              f"({running.fraction:g} of the fleet), from version {running.start_version}, fired in "
+              f"{campaign.fired(client, settings, running)}"
+              f"{'' if running.rounds is None else f'/{running.rounds}'} rounds, {len(mine)} malicious updates sent")
+        print(f"  params {json.dumps(running.params)}")
+        print(f"  devices {', '.join(running.devices)}")
+        return 0
+    try:
+        params = json.loads(args.params) if args.params else {}
+        if not isinstance(params, dict):
+            raise ValueError("--params must be a JSON object")
+        started = campaign.start(client, settings, args.kind, args.fraction, params=params,
+                                 start_version=args.start_round, rounds=args.rounds)
+    except (ValueError, json.JSONDecodeError) as exc:
+        print(f"fedguard attack: {exc} (fedguard attack --help lists the kinds)", file=sys.stderr)
+        return 2
+    print(f"campaign {started.id}: {started.kind} on {len(started.devices)} compromised devices from version "
+          f"{started.start_version}{'' if started.rounds is None else f' for {started.rounds} round(s)'}; "
+          f"`fedguard attack status` to follow, `fedguard attack stop` to end it")
+    return 0
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     from fedguard.stack import create_topics
 
@@ -317,7 +372,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from aggregator.service import AggregatorService
-    from producers.fleet import configure_torch
+    from fedguard.tasks import configure_torch
 
     configure_torch()
     settings = settings_from(args)
@@ -329,7 +384,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 def cmd_fleet(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
-    from producers.fleet import Fleet, configure_torch
+    from fedguard.tasks import configure_torch
+    from producers.fleet import Fleet
 
     configure_torch()
     settings = settings_from(args)
@@ -351,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--plot", default="fedguard-demo.png", help="PNG of accuracy per round")
     p.add_argument("--resume", action="store_true", help="keep earlier model versions instead of starting fresh")
+    from producers.attacks import ATTACKS
+
+    p.add_argument("--attack", choices=tuple(ATTACKS), help="run an insider poisoning campaign during the demo")
+    p.add_argument("--fraction", type=float, default=0.2, help="share of the fleet compromised (default 0.2)")
+    p.add_argument("--attack-start", type=int, default=5, help="first attacked round (default 5)")
+    p.add_argument("--attack-rounds", type=int, help="rounds in which the attack fires (default: every round; "
+                                                     "model_replacement: 1)")
+    p.add_argument("--attack-params", help="JSON object of the attack's parameters (docs/attacks.md)")
     p.set_defaults(func=cmd_demo)
 
     devices = sub.add_parser("devices", help="device enrollment, revocation, key rotation (operator credential: "
@@ -382,6 +446,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--device", default="dev-0000", help="flood: the enrolled device that floods (from the key store)")
     p.set_defaults(func=cmd_inject)
+
+    from producers.attacks import ATTACKS
+
+    p = sub.add_parser("attack", help="compromise enrolled devices of a running stack with a poisoning attack",
+                       description="Insider poisoning: a fraction of the enrolled devices keep their valid keys and "
+                       "send poisoned updates from the next round on. Kinds: " +
+                       "; ".join(f"{name}: {spec.summary}" for name, spec in ATTACKS.items()) +
+                       ". 'status' shows the running campaign, 'stop' ends it.")
+    _common(p)
+    p.add_argument("kind", choices=(*ATTACKS, "status", "stop"), metavar="KIND|status|stop")
+    p.add_argument("--fraction", type=float, default=0.2, help="share of the fleet compromised (default 0.2)")
+    p.add_argument("--start-round", type=int, help="first base version attacked (default: the next round)")
+    p.add_argument("--rounds", type=int, help="rounds in which the attack fires (default: every round; "
+                                              "model_replacement: 1)")
+    p.add_argument("--params", help="JSON object of the attack's parameters (docs/attacks.md)")
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("init", help="one-shot set-up: topics, server key, operator credential, enrollment")
     _common(p)

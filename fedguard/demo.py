@@ -10,15 +10,16 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kafka import KafkaConsumer
 from tqdm import tqdm
 
-from fedguard import records
+from fedguard import records, registry
 from fedguard.settings import Settings
 from fedguard.topicio import consumer_from_beginning
 from fedguard.stack import EmbeddedStack
+from producers import campaign
 
 
 @dataclass
@@ -31,6 +32,11 @@ class RoundLine:
     accuracy: float
     loss: float
     seconds: float
+    backdoor_accuracy: float | None = None  # max over the configured triggers (aggregator/evaluation.py)
+    attackers: int = 0  # members of the window that the campaign's ledger names as malicious
+    attackers_rejected: int = 0
+    attackers_downweighted: int = 0
+    honest_rejected: int = 0
 
 
 @dataclass
@@ -66,7 +72,8 @@ class Watcher:
         self.consumer.close()
 
 
-def plot_accuracy(lines: list[RoundLine], initial_accuracy: float, path: Path, title: str) -> None:
+def plot_accuracy(lines: list[RoundLine], initial: dict[str, Any], path: Path, title: str,
+                  attack_rounds: list[int] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,22 +81,40 @@ def plot_accuracy(lines: list[RoundLine], initial_accuracy: float, path: Path, t
 
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [0] + [line.round for line in lines]
-    ys = [initial_accuracy] + [line.accuracy for line in lines]
-    ax.plot(xs, ys, marker="o", markersize=3)
+    ys = [initial["metrics"]["accuracy"]] + [line.accuracy for line in lines]
+    ax.plot(xs, ys, marker="o", markersize=3, label="main-task accuracy")
+    backdoor = [initial["metrics"].get("backdoor_accuracy")] + [line.backdoor_accuracy for line in lines]
+    if any(b is not None for b in backdoor):
+        ax.plot(xs, [float("nan") if b is None else b for b in backdoor], marker="x", markersize=3, color="tab:red",
+                label="backdoor accuracy")
+    for i, r in enumerate(sorted(attack_rounds or [])):
+        ax.axvspan(r - 0.5, r + 0.5, color="tab:red", alpha=0.12, linewidth=0,
+                   label="attackers in the window" if i == 0 else None)
     ax.axhline(0.8, color="grey", linestyle="--", linewidth=0.8, label="80%")
     ax.set_xlabel("round (global model version)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+@dataclass
+class AttackPlan:
+    """``fedguard demo --attack``: a campaign started once the stack is up (see producers/campaign.py)."""
+
+    kind: str
+    fraction: float
+    start_round: int = 5
+    rounds: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 def run_demo(settings: Settings, rounds: int, plot: str | Path, fresh: bool = True,
-             round_timeout_s: float = 180.0) -> int:
+             round_timeout_s: float = 180.0, attack: AttackPlan | None = None) -> int:
     if fresh and settings.models_dir.exists():
         shutil.rmtree(settings.models_dir)  # the demo's own model versions; keys and logs are kept
     started = time.time()
@@ -99,9 +124,19 @@ def run_demo(settings: Settings, rounds: int, plot: str | Path, fresh: bool = Tr
           f"alpha {settings.dirichlet_alpha}, {rounds} rounds, rule {settings.rule}; logs in {stack.log_dir}")
     lines: list[RoundLine] = []
     with stack:
+        client = registry.connect(settings)
+        if attack is not None:
+            started_campaign = campaign.start(client, settings, attack.kind, attack.fraction, params=attack.params,
+                                              start_version=attack.start_round - 1, rounds=attack.rounds)
+            print(f"attack: {attack.kind} on {len(started_campaign.devices)} compromised devices "
+                  f"({attack.fraction:g} of the fleet) from round {attack.start_round}"
+                  f"{'' if started_campaign.rounds is None else f' for {started_campaign.rounds} round(s)'}")
+        else:
+            campaign.stop(client, settings)
         watcher = Watcher(settings, since=started - 1)
         try:
-            lines, initial = _follow(stack, watcher, rounds, round_timeout_s)
+            lines, initial = _follow(stack, watcher, rounds, round_timeout_s,
+                                     malicious=lambda: {e["update_id"] for e in campaign.ledger(client, settings)})
         finally:
             watcher.close()
     elapsed = time.time() - started
@@ -109,13 +144,23 @@ def run_demo(settings: Settings, rounds: int, plot: str | Path, fresh: bool = Tr
         print("demo: no round completed", file=sys.stderr)
         return 1
     plot = Path(plot)
-    plot_accuracy(lines, initial["metrics"]["accuracy"], plot,
-                  f"fedguard demo: {initial.get('task', settings.task)}, {settings.rule}")
+    title = f"fedguard demo: {initial.get('task', settings.task)}, {settings.rule}"
+    if attack is not None:
+        title += f", {attack.kind} at {attack.fraction:g}"
+    plot_accuracy(lines, initial, plot, title, attack_rounds=[line.round for line in lines if line.attackers])
+    backdoor = [line.backdoor_accuracy for line in lines if line.backdoor_accuracy is not None]
     summary = {
         "task": initial.get("task", settings.task), "rounds": len(lines), "seconds": round(elapsed, 1),
         "final_accuracy": lines[-1].accuracy, "best_accuracy": max(line.accuracy for line in lines),
         "first_round_at_80": next((line.round for line in lines if line.accuracy >= 0.8), None),
         "updates_accepted": sum(line.accepted for line in lines),
+        "max_backdoor_accuracy": max(backdoor) if backdoor else None,
+        "final_backdoor_accuracy": backdoor[-1] if backdoor else None,
+        "attack": None if attack is None else asdict(attack),
+        "malicious_in_windows": sum(line.attackers for line in lines),
+        "malicious_rejected": sum(line.attackers_rejected for line in lines),
+        "malicious_downweighted": sum(line.attackers_downweighted for line in lines),
+        "honest_rejected": sum(line.honest_rejected for line in lines),
         "rejected_by_reason": dict(watcher.rejected),
         "settings": {"devices": settings.num_devices, "per_round": settings.devices_per_round,
                      "alpha": settings.dirichlet_alpha, "rule": settings.rule, "seed": settings.seed},
@@ -126,12 +171,19 @@ def run_demo(settings: Settings, rounds: int, plot: str | Path, fresh: bool = Tr
           f"best {summary['best_accuracy']:.4f}, first >= 80% at round {summary['first_round_at_80']}")
     print(f"updates aggregated {summary['updates_accepted']}, rejected {watcher.rejected_total} "
           f"{dict(watcher.rejected) if watcher.rejected else ''}")
+    if backdoor:
+        print(f"backdoor accuracy: max {summary['max_backdoor_accuracy']:.4f}, final "
+              f"{summary['final_backdoor_accuracy']:.4f}")
+    if attack is not None:
+        print(f"malicious updates in windows {summary['malicious_in_windows']}: rejected "
+              f"{summary['malicious_rejected']}, down-weighted {summary['malicious_downweighted']}; honest members "
+              f"rejected {summary['honest_rejected']}")
     print(f"plot: {plot}  summary: {plot.with_suffix('.json')}")
     return 0 if len(lines) == rounds else 1
 
 
-def _follow(stack: EmbeddedStack, watcher: Watcher, rounds: int,
-            round_timeout_s: float) -> tuple[list[RoundLine], dict[str, Any]]:
+def _follow(stack: EmbeddedStack, watcher: Watcher, rounds: int, round_timeout_s: float,
+            malicious: Callable[[], set[str]]) -> tuple[list[RoundLine], dict[str, Any]]:
     lines: list[RoundLine] = []
     deadline = time.monotonic() + round_timeout_s
     while 0 not in watcher.models:
@@ -148,21 +200,43 @@ def _follow(stack: EmbeddedStack, watcher: Watcher, rounds: int,
                 _check(stack, deadline, f"version {version}")
                 watcher.poll()
             meta = watcher.models[version]
+            while meta.get("window_id") and meta["window_id"] not in watcher.windows:
+                _check(stack, deadline, f"window {meta['window_id']}")
+                watcher.poll()
             now = time.monotonic()
             line = RoundLine(round=version, version=version, members=meta["members"], accepted=meta["accepted"],
                              rejected=watcher.rejected_total - rejected_before,
                              accuracy=meta["metrics"]["accuracy"], loss=meta["metrics"]["loss"],
-                             seconds=round(now - last_time, 2))
+                             seconds=round(now - last_time, 2),
+                             backdoor_accuracy=meta["metrics"].get("backdoor_accuracy"),
+                             **_attackers(watcher.windows.get(meta.get("window_id")), malicious()))
             rejected_before, last_time = watcher.rejected_total, now
             lines.append(line)
             bar.update(1)
             bar.set_postfix(acc=f"{line.accuracy:.3f}")
+            backdoor = "" if line.backdoor_accuracy is None else f"  backdoor {line.backdoor_accuracy:.4f}"
+            attackers = "" if not line.attackers else (
+                f"  attackers {line.attackers} (rejected {line.attackers_rejected}, down-weighted "
+                f"{line.attackers_downweighted})")
             tqdm.write(f"round {line.round:>3}  v{line.version:<4} window {line.members:>3}  accepted "
-                       f"{line.accepted:>3}  rejected {line.rejected:>3}  accuracy {line.accuracy:.4f}  "
-                       f"loss {line.loss:.4f}  ({line.seconds:.1f}s)")
+                       f"{line.accepted:>3}  rejected {line.rejected:>3}  accuracy {line.accuracy:.4f}{backdoor}  "
+                       f"loss {line.loss:.4f}{attackers}  ({line.seconds:.1f}s)")
     finally:
         bar.close()
     return lines, initial
+
+
+def _attackers(window: dict[str, Any] | None, malicious: set[str]) -> dict[str, int]:
+    """How many window members were malicious (by the ledger) and what the window stage decided about them."""
+    out = {"attackers": 0, "attackers_rejected": 0, "attackers_downweighted": 0, "honest_rejected": 0}
+    for member in (window or {}).get("members", []):
+        bad = member["update_id"] in malicious
+        verdict = member.get("verdict")
+        out["attackers"] += bad
+        out["attackers_rejected"] += bad and verdict == "reject"
+        out["attackers_downweighted"] += bad and verdict == "downweight"
+        out["honest_rejected"] += (not bad) and verdict == "reject"
+    return out
 
 
 def _check(stack: EmbeddedStack, deadline: float, waiting_for: str) -> None:

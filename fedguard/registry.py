@@ -14,6 +14,7 @@ Every key is namespaced by ``Settings.redis_prefix`` (default ``fedguard``):
 | ``fedguard:audit`` | list | JSON records of operator actions (enroll, revoke, rotate), newest first, capped at 10,000 |
 | ``fedguard:server:public_key`` | string | the server's X25519 public key (hex) that devices seal to |
 | ``fedguard:model:<model id>:version`` | string | the current global model version, written by the aggregator |
+| ``fedguard:detector:sketch_seed`` | string | the secret seed of the update sketch (fedguard/sketch.py), made once with SET NX by the first processors worker; server-side like a key, never sent to devices |
 """
 
 from __future__ import annotations
@@ -225,6 +226,18 @@ def server_public_key(settings: Settings) -> str:
 
 def model_version_key(settings: Settings) -> str:
     return settings.redis_key("model", settings.model_id, "version")
+
+
+def sketch_seed_key(settings: Settings) -> str:
+    return settings.redis_key("detector", "sketch_seed")
+
+
+def sketch_seed(client: redis.Redis, settings: Settings) -> int:
+    """The deployment's secret sketch seed: read, or made from OS entropy by the first caller (SET NX)."""
+    from fedguard.sketch import new_secret_seed
+
+    client.set(sketch_seed_key(settings), str(new_secret_seed()), nx=True)
+    return int(client.get(sketch_seed_key(settings)))
 
 
 def admit_args(settings: Settings, records: list[str]) -> list[object]:

@@ -68,11 +68,19 @@ class Settings:
     window_size: int | None = None  # None: devices_per_round, one window per round
     window_deadline_s: float = 30.0
     detector_z_threshold: float = 3.5
+    detector_sketch_k: int = 1024  # width of the secret update sketch the window stage detects on (fedguard/sketch.py)
 
     # Aggregation.
     rule: str = "fedavg"
     rule_params: str = ""  # JSON object of the rule's parameters, e.g. {"f": 2} for krum
     sample_count_cap: int = 1000
+    # Noise of the randomised rules (dp_gaussian, FLAME) comes from OS entropy. An experiment that must be
+    # reproducible sets a seed here: the noise of version v is then drawn from default_rng([seed, v]), which anyone
+    # who knows the seed can recompute and subtract, so such versions are marked "private": false in rule_info.
+    aggregation_experiment_seed: int | None = None
+    # Backdoor accuracy measured on every version (aggregator/evaluation.py): "pixel_pattern:<target>[:<size>],...";
+    # a measurement for operators and experiments, never read by a detector or a rule. Empty: none.
+    backdoor_eval: str = "pixel_pattern:0"
 
     # Hardening (issue 3): rate limits, security events, validator batching. Token buckets live in Redis, so every
     # processors worker shares them; capacities are in updates, refill rates in updates per second. The defaults

@@ -4,6 +4,10 @@ Each device owns a non-IID shard of the task's training set (Dirichlet(alpha) sp
 on ``fl.models`` the fleet samples ``devices_per_round`` devices (a fraction C of the fleet, as in FedAvg), each
 trains locally from that version and publishes its delta, sealed in the envelope, to ``fl.updates.raw``. If no new
 version arrives within ``round_timeout_s`` (e.g. every update was rejected) it samples again on the same version.
+
+While a poisoning campaign runs (``fedguard attack``, :mod:`producers.campaign`), the compromised devices sampled in
+a round do not train honestly: they send what :func:`producers.attacks.live.craft_round` crafts, sealed with their
+own valid keys, and each malicious update is recorded in the campaign's ledger (ground truth, outside the pipeline).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -25,8 +28,9 @@ from fedguard.keys import private_from_hex, public_from_hex
 from fedguard.modelstore import load_weights
 from fedguard.settings import Settings
 from fedguard.topicio import consumer_from_beginning
-from fedguard.tasks import (DEFAULT_TRAINING, build_model, dirichlet_split, get_flat_params, load_task,
-                            local_train, model_spec, set_flat_params)
+from fedguard.tasks import (DEFAULT_TRAINING, build_model, configure_torch, dirichlet_split,  # noqa: F401
+                            get_flat_params, load_task, local_train, model_spec, set_flat_params)
+from producers import campaign as campaign_mod
 from producers.enroll import device_ids
 from producers.keystore import Keystore
 
@@ -37,6 +41,8 @@ TRAIN_SECONDS = Histogram("fedguard_fleet_train_seconds", "Local training time p
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
 ROUND = Gauge("fedguard_fleet_base_version", "Global version the fleet last trained from")
 RESAMPLED = Counter("fedguard_fleet_round_retries_total", "Rounds sampled again after the round timeout")
+MALICIOUS_SENT = Counter("fedguard_fleet_malicious_updates_sent_total",
+                         "Poisoned updates sent by compromised devices of a live campaign (fedguard attack)", ["kind"])
 
 
 def models_consumer(settings: Settings, client_id: str) -> KafkaConsumer:
@@ -53,7 +59,8 @@ class Fleet:
         if missing:
             raise RuntimeError(f"{len(missing)} devices are not enrolled (e.g. {missing[0]}); "
                                f"run `fedguard devices enroll --count {settings.num_devices}`")
-        server_hex = registry.connect(settings).get(registry.server_public_key(settings))
+        self.redis = registry.connect(settings)
+        server_hex = self.redis.get(registry.server_public_key(settings))
         if not server_hex:
             raise RuntimeError("the server public key is not in Redis; start the stack with `fedguard up`")
         self.server_public = public_from_hex(server_hex)
@@ -75,6 +82,7 @@ class Fleet:
                                       acks="all", linger_ms=5, max_request_size=settings.max_payload_bytes)
         self.models = models_consumer(settings, "fedguard-fleet-models")
         self.latest: dict[str, Any] | None = None
+        self._attack_state: dict[str, dict] = {}  # per campaign: what an attack keeps across rounds
 
     def _derive(self, device_id: str) -> bytes:
         return envelope.derive_key(private_from_hex(self.keystore.devices[device_id].private_key), self.server_public,
@@ -129,19 +137,66 @@ class Fleet:
         self.sync_keystore()
         base = load_weights(meta["path"], meta["sha256"])
         version = int(meta["version"])
-        sent = 0
-        for index in self.select(version, attempt):
+        selected = self.select(version, attempt)
+        campaign = self._campaign(version)
+        compromised = [i for i in selected if campaign is not None and self.ids[i] in campaign.devices]
+        sent, honest_deltas = 0, []
+        for index in selected:
             if stop is not None and stop.is_set():
                 break
-            device_id = self.ids[index]
-            delta, num_samples = self.train(index, base, seed=(self.settings.seed * 1_000_003 + version * 1009 + index) % 2**31)
-            self.publish(device_id, version, delta, num_samples)
+            if index in compromised:
+                continue
+            delta, num_samples = self.train(index, base, seed=self._seed(version, index))
+            self.publish(self.ids[index], version, delta, num_samples)
+            honest_deltas.append(delta)
             sent += 1
+        if compromised and not (stop is not None and stop.is_set()):
+            sent += self.attack(campaign, compromised, base, version, honest_deltas)
         self.producer.flush()
         self.sync_keystore()
         ROUND.set(version)
-        log.info("trained on version %d (attempt %d): %d updates sent", version, attempt, sent)
+        log.info("trained on version %d (attempt %d): %d updates sent%s", version, attempt, sent,
+                 f", {len(compromised)} compromised devices sampled ({campaign.kind})" if compromised else "")
         return sent
+
+    def _seed(self, version: int, index: int) -> int:
+        return (self.settings.seed * 1_000_003 + version * 1009 + index) % 2**31
+
+    def _campaign(self, version: int) -> "campaign_mod.Campaign | None":
+        """The running poisoning campaign if it fires in this round (one Redis read per round)."""
+        found = campaign_mod.load(self.redis, self.settings)
+        if found is None or not found.fires_at(version, campaign_mod.fired(self.redis, self.settings, found)):
+            return None
+        return found
+
+    def attack(self, campaign: "campaign_mod.Campaign", compromised: list[int], base: np.ndarray, version: int,
+               honest_deltas: list[np.ndarray]) -> int:
+        """The compromised devices of this round send what the attack crafts, sealed with their own valid keys."""
+        from producers.attacks.live import AttackContext, craft_round
+
+        ctx = AttackContext(
+            base=base, version=version, round_index=campaign_mod.fired(self.redis, self.settings, campaign),
+            devices=compromised,
+            honest_delta=lambda i: self.train(i, base, seed=self._seed(version, i)),
+            shard=lambda i: (self.task.x_train[self.shards[i]], self.task.y_train[self.shards[i]]),
+            task=self.task, model=build_model(self.spec, seed=self.settings.seed),
+            training={"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "momentum": self.momentum},
+            window_size=self.settings.window_size, rng=np.random.default_rng(),
+            observed_benign=(lambda: np.stack(honest_deltas)) if honest_deltas else None,
+            state=self._attack_state.setdefault(campaign.id, {}))  # e.g. slow drift's fixed direction
+        crafted = craft_round(campaign.kind, campaign.params, ctx)
+        entries = []
+        for index, updates in crafted.items():
+            for delta, num_samples in updates:
+                header = self.publish(self.ids[index], version, delta, num_samples)
+                entries.append({"device_id": self.ids[index], "update_id": header.update_id, "base_version": version,
+                                "num_samples": int(num_samples), "norm": float(np.linalg.norm(delta))})
+        self.producer.flush()  # the ledger names only what was handed to the broker
+        campaign_mod.record_round(self.redis, self.settings, campaign, entries)
+        MALICIOUS_SENT.labels(campaign.kind).inc(len(entries))
+        log.warning("campaign %s (%s): %d devices sent %d malicious updates on version %d", campaign.id,
+                    campaign.kind, len(crafted), len(entries), version)
+        return len(entries)
 
     def train(self, index: int, base: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
         shard = self.shards[index]
@@ -167,8 +222,3 @@ class Fleet:
         self.sync_keystore()
         self.producer.close(timeout=5)
         self.models.close()
-
-
-def configure_torch() -> None:
-    # Several services share two cores: one thread each avoids oversubscription.
-    torch.set_num_threads(1)

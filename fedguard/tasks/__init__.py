@@ -11,6 +11,7 @@ from .data import TASKS, TaskData, dirichlet_split, load_task, read_idx, write_i
 from .models import DEFAULT_TRAINING, ModelSpec, build_model, get_flat_params, model_spec, set_flat_params
 from .training import evaluate, local_train
 from .backdoor import Trigger, apply_trigger, backdoor_accuracy, backdoor_eval_set, pixel_pattern, target_rate
+from .runtime import configure_torch
 
 __all__ = [
     "DEFAULT_TRAINING",
@@ -33,4 +34,5 @@ __all__ = [
     "backdoor_eval_set",
     "pixel_pattern",
     "target_rate",
+    "configure_torch",
 ]
