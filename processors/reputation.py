@@ -1,0 +1,180 @@
+"""Per-device reputation: a pure model (the window stage stores it in Redis, one JSON value per device).
+
+Beta reputation with forgetting (Jøsang & Ismail, "The Beta Reputation System", 15th Bled Electronic Commerce
+Conference, 2002, Sec. 3-4): positive evidence ``r`` and negative evidence ``s``; the reputation is the expectation
+of Beta(r + 1, s + 1),
+
+    E = (r + 1) / (r + s + 2),
+
+and before each new observation the old evidence is discounted by the forgetting factor lambda (their eq. 10):
+``r <- lambda r``, ``s <- lambda s``. A fresh device has r = s = 0, E = 0.5.
+
+Evidence per window verdict (``ReputationParams``): accept r += 1, downweight s += 0.5, reject s += 2. With
+lambda = 0.9 old evidence halves in 6.6 windows and an always-accepted device converges to r = 10, E = 11/12.
+
+Quarantine (``status = "quarantined"``) when **either**
+
+* ``strikes`` (consecutive rejected windows) reaches 3: a device rejected in 3 windows in a row is quarantined
+  whatever its past, because Beta evidence alone cannot both forgive a new device's one mistake and quarantine a
+  long-honest one quickly (E after 3 rejects from the steady state r = 10 is still 0.56); or
+* ``E < quarantine_below`` (0.15): the slow rule, for a device mostly rejected or always downweighted, e.g. a
+  device downweighted in every window crosses it after about 50 windows, one rejected in 80 % of its windows
+  in its steady state.
+
+Numbers an honest device lives with (computed in tests/unit/test_reputation.py): a new device rejected in its first
+window has E = 1/4 = 0.25, in its first two E = 1/5.8 = 0.172, both above 0.15; a device wrongly rejected in 1 % of
+its windows at random (and downweighted in 5 %) stays near E = 0.88 and is never quarantined (3 rejects in a row
+have probability 1e-6 per window).
+
+What it does not catch: a device that avoids three rejects in a row. Rejected in 2 of every 3 windows it settles at
+E = 0.26 (not quarantined, but below the ensemble's ``trust_min`` of 0.3, so even its accepted updates get weight
+0.5); alternating reject/accept it settles at E = 0.33. Its rejected updates carry no weight either way. A rule such
+as "3 rejects in the last 5 windows" would catch both, at the price of quarantining an honest device with 1 % random
+rejects with probability ~1e-5 per window instead of 1e-6.
+
+Release (:func:`maybe_release`) after ``probation_s`` seconds (1 hour) in quarantine: status back to ``"active"``
+with the evidence restarted at r = 0, s = 4 (E = 1/6 = 0.167: below the ensemble's ``trust_min`` of 0.3, so its
+next update is downweighted, and one reject brings E to 1/7.6 = 0.13 < 0.15) and ``probation = 5``: until 5 windows
+have been accepted, any reject re-quarantines at once.
+
+Events returned (the caller publishes them on ``fl.events``): ``"flagged"`` (verdict downweight or reject),
+``"quarantined"``, ``"released"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+
+__all__ = ["Reputation", "ReputationParams", "expectation", "maybe_release", "observe"]
+
+VERDICTS = ("accept", "downweight", "reject")
+
+
+@dataclass(frozen=True)
+class ReputationParams:
+    forgetting: float = 0.9          # lambda, applied before each observation
+    accept_evidence: float = 1.0     # r += on accept
+    downweight_evidence: float = 0.5  # s += on downweight
+    reject_evidence: float = 2.0     # s += on reject
+    quarantine_below: float = 0.15   # E below this quarantines
+    strikes_to_quarantine: int = 3   # consecutive rejects that quarantine
+    probation_s: float = 3600.0      # seconds in quarantine before release
+    restart_r: float = 0.0           # evidence after release: E = (0 + 1) / (0 + 4 + 2) = 1/6
+    restart_s: float = 4.0
+    probation_accepts: int = 5       # accepted windows after release during which one reject re-quarantines
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.forgetting <= 1.0:
+            raise ValueError("forgetting must be in (0, 1]")
+        for name in ("accept_evidence", "downweight_evidence", "reject_evidence", "restart_r", "restart_s",
+                     "probation_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be finite and >= 0")
+        if not 0.0 <= self.quarantine_below < 1.0:
+            raise ValueError("quarantine_below must be in [0, 1)")
+        if self.strikes_to_quarantine < 1 or self.probation_accepts < 0:
+            raise ValueError("strikes_to_quarantine must be >= 1 and probation_accepts >= 0")
+
+
+@dataclass(frozen=True)
+class Reputation:
+    r: float = 0.0
+    s: float = 0.0
+    status: str = "active"           # "active" | "quarantined"
+    quarantined_at: float | None = None
+    strikes: int = 0                 # consecutive rejected windows
+    probation: int = 0               # accepts still needed to leave probation (0 = not on probation)
+    windows: int = 0                 # observations so far
+    quarantines: int = 0             # times quarantined
+    last_seen: float | None = None
+
+    @property
+    def expectation(self) -> float:
+        return expectation(self)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Reputation":
+        """Strict inverse of :meth:`to_json` (unknown or missing keys, wrong types, non-finite numbers:
+        ``ValueError``)."""
+        try:
+            obj = json.loads(text)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"Reputation: not JSON: {exc}") from None
+        fields = set(cls.__dataclass_fields__)
+        if not isinstance(obj, dict) or set(obj) != fields:
+            raise ValueError(f"Reputation: expected exactly the keys {sorted(fields)}")
+        for name in ("r", "s"):
+            v = obj[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Reputation: {name} must be a finite number >= 0")
+        for name in ("strikes", "probation", "windows", "quarantines"):
+            v = obj[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Reputation: {name} must be an int >= 0")
+        for name in ("quarantined_at", "last_seen"):
+            v = obj[name]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ValueError(f"Reputation: {name} must be a finite number or null")
+        if obj["status"] not in ("active", "quarantined"):
+            raise ValueError("Reputation: status must be 'active' or 'quarantined'")
+        if obj["status"] == "quarantined" and obj["quarantined_at"] is None:
+            raise ValueError("Reputation: a quarantined device needs quarantined_at")
+        return cls(r=float(obj["r"]), s=float(obj["s"]), status=obj["status"],
+                   quarantined_at=None if obj["quarantined_at"] is None else float(obj["quarantined_at"]),
+                   strikes=obj["strikes"], probation=obj["probation"], windows=obj["windows"],
+                   quarantines=obj["quarantines"],
+                   last_seen=None if obj["last_seen"] is None else float(obj["last_seen"]))
+
+
+def expectation(rep: Reputation) -> float:
+    """``E = (r + 1) / (r + s + 2)``: the trust in [0, 1] the ensemble and the aggregator may weight by."""
+    return (rep.r + 1.0) / (rep.r + rep.s + 2.0)
+
+
+def observe(rep: Reputation, verdict: str, now: float,
+            params: ReputationParams = ReputationParams()) -> tuple[Reputation, list[str]]:
+    """Apply one window verdict (``"accept"``, ``"downweight"``, ``"reject"``). Evidence is forgotten by lambda
+    first, then added. Returns the new reputation and the events. A device already quarantined (a window that
+    closed as it was being quarantined) still accumulates evidence but raises no new quarantine."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    lam = params.forgetting
+    r, s = lam * rep.r, lam * rep.s
+    strikes, probation = rep.strikes, rep.probation
+    events: list[str] = []
+    if verdict == "accept":
+        r += params.accept_evidence
+        strikes = 0
+        probation = max(0, probation - 1)
+    elif verdict == "downweight":
+        s += params.downweight_evidence
+        events.append("flagged")
+    else:
+        s += params.reject_evidence
+        strikes += 1
+        events.append("flagged")
+    new = replace(rep, r=r, s=s, strikes=strikes, probation=probation, windows=rep.windows + 1, last_seen=now)
+    if new.status == "active":
+        e = expectation(new)
+        if (strikes >= params.strikes_to_quarantine or e < params.quarantine_below
+                or (verdict == "reject" and rep.probation > 0)):
+            new = replace(new, status="quarantined", quarantined_at=now, quarantines=rep.quarantines + 1)
+            events.append("quarantined")
+    return new, events
+
+
+def maybe_release(rep: Reputation, now: float,
+                  params: ReputationParams = ReputationParams()) -> tuple[Reputation, list[str]]:
+    """Release a quarantined device once ``probation_s`` have passed since ``quarantined_at``: status ``active``,
+    evidence restarted at (``restart_r``, ``restart_s``), strikes 0, ``probation = probation_accepts``. Anything
+    else is returned unchanged with no events."""
+    if rep.status != "quarantined" or rep.quarantined_at is None or now - rep.quarantined_at < params.probation_s:
+        return rep, []
+    return replace(rep, status="active", quarantined_at=None, r=params.restart_r, s=params.restart_s, strikes=0,
+                   probation=params.probation_accepts), ["released"]
