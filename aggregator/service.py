@@ -131,23 +131,32 @@ class AggregatorService:
                       current.version)
             return None
         started = time.perf_counter()
-        accepted = [m for m in window["members"] if m["verdict"] == "accept"]
+        # Members the window stage admitted (accept, or downweight with a weight in (0, 1)); rejected ones never count.
+        accepted = [m for m in window["members"] if m["verdict"] != "reject" and m.get("weight", 1.0) > 0]
         try:
             deltas = self.fetch_updates(accepted)
         except WindowFetchError as exc:
             return self._fail_window(window, current, accepted, str(exc))
         params, result_info = current.params, {"selected": []}
+        # A window the rule cannot aggregate still makes a version (one per window, or the pipeline stalls: the
+        # processors close one window per base version), carrying the parameters over; its record says so.
+        carried = f"parameters of version {current.version} carried into version {current.version + 1}"
         if len(accepted) < self.rule.min_updates:
             result_info["skipped"] = (f"{len(accepted)} accepted updates, rule {self.rule.name} needs "
-                                      f"{self.rule.min_updates}: version unchanged")
+                                      f"{self.rule.min_updates}: {carried}")
+            result_info["params_from"] = current.version
         else:
             try:
                 result = self.rule(deltas, self._inputs(accepted, current))
             except PreconditionError as exc:
-                result_info["skipped"] = f"{exc}: version unchanged"
+                result_info["skipped"] = f"{exc}: {carried}"
+                result_info["params_from"] = current.version
             else:
                 params = (current.params.astype(np.float64) + result.vector).astype(np.float32)
                 result_info = {"selected": [accepted[i]["device_id"] for i in result.selected], **result.info}
+        # What was applied to each admitted member (the window stage's weight; FedAvg multiplies it by the capped
+        # sample count, the other rules use it to admit, not to weight).
+        result_info["member_weights"] = {m["device_id"]: float(m.get("weight", 1.0)) for m in accepted}
         if "skipped" in result_info:
             WINDOWS.labels("rule_skipped").inc()
             log.warning("window %s: %s", window["window_id"], result_info["skipped"])
@@ -250,11 +259,17 @@ class AggregatorService:
         # Noise from OS entropy unless an experiment fixes the seed (then the version says it is not private).
         rng, noise_seed = noise_generator(self.settings.aggregation_experiment_seed, current.version)
         return WindowInputs(
-            sample_counts=np.array([m["num_samples"] for m in accepted], dtype=np.float64),
+            sample_counts=self._sample_weights(accepted),
             rng=rng, noise_seed=noise_seed,
             center=lambda: self._previous_aggregate(current),
             server_update=lambda: self._server_update(current),
             trust_scores=lambda: self._trust_scores(accepted))
+
+    def _sample_weights(self, admitted: list[dict[str, Any]]) -> np.ndarray:
+        """FedAvg's weights: the claimed sample count, capped (a device chooses it), times the ensemble's weight."""
+        cap = float(self.settings.sample_count_cap or np.inf)
+        return np.array([min(float(m["num_samples"]), cap) * float(m.get("weight", 1.0)) for m in admitted],
+                        dtype=np.float64)
 
     def _previous_aggregate(self, current: ModelVersion) -> np.ndarray:
         """The last applied aggregate (centered clipping's starting point): v - parent(v), zero at version 0."""

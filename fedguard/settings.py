@@ -30,6 +30,9 @@ class Topics:
         return [getattr(self, f.name) for f in fields(self)]
 
 
+DETECTION_MODES = ("ensemble", "none")
+
+
 @dataclass(frozen=True)
 class Settings:
     # Where the services meet.
@@ -69,6 +72,10 @@ class Settings:
     window_deadline_s: float = 30.0
     detector_z_threshold: float = 3.5
     detector_sketch_k: int = 1024  # width of the secret update sketch the window stage detects on (fedguard/sketch.py)
+    # "ensemble": the detection ensemble and reputation of processors/defence.py (the default, measured in
+    # bench/results/detection.md); "none": every member accepted with weight 1 and no reputation (experiments only).
+    detection: str = "ensemble"
+    quarantine_probation_s: float = 3600.0  # seconds a device stays quarantined by reputation before release
 
     # Aggregation.
     rule: str = "fedavg"
@@ -112,6 +119,11 @@ class Settings:
         if self.window_size is None:
             object.__setattr__(self, "window_size", self.devices_per_round)
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        self.__post_init_checks()
+
+    def __post_init_checks(self) -> None:
+        if self.detection not in DETECTION_MODES:
+            raise ValueError(f"detection must be one of {DETECTION_MODES}, got {self.detection!r}")
 
     def with_overrides(self, **overrides: Any) -> "Settings":
         clean = {k: v for k, v in overrides.items() if v is not None}

@@ -8,7 +8,12 @@ Two agents, each a short ``async for``:
   also writes a small pointer to ``fl.updates.valid.index``, keyed by model id. Security events (a device rate
   limited, the ingress bound hit, a replay), at most one per device per interval, go to ``fl.events``.
 * ``collect`` reads that index and keeps the open windows in a table keyed by model id (co-partitioned with the
-  index), closing each on count; a timer closes windows on their deadline. Closed windows go to ``fl.windows``.
+  index), at most one member per device, closing each on count; a timer closes windows on their deadline. A closing
+  window is judged by the detection ensemble and reputation (:mod:`processors.defence`, on the members' secret
+  sketches, which the validator computes from the full tensors): every member gets a verdict (accept / downweight /
+  reject), a weight and reasons; reputation is updated exactly once per window and may quarantine a device.
+  Closed windows go to ``fl.windows``; flags, quarantines and releases to ``fl.events``. A timer releases devices
+  whose quarantine probation is over.
 
 Delivery is at-least-once (the embedded broker cannot run Faust's exactly-once, see BROKER.md): every output carries
 the raw record's position and update id so a consumer can tell a re-delivery from a new record.
@@ -16,6 +21,7 @@ the raw record's position and update id so a consumer can tell a re-delivery fro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -23,29 +29,43 @@ import faust
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
-from fedguard import records
+from fedguard import records, registry
+from fedguard import sketch as sketch_codec
 from fedguard.keys import load_or_create_server_key
 from fedguard.envelope import parse
 from fedguard.reasons import Reason, RejectError
 from fedguard.settings import Settings
+from fedguard.sketch import SketchSpec, sketch
 from fedguard.tasks import load_task, model_spec
 from processors.validation import CHECKS, Validator, byte_bounded
 from processors import windows as W
+from processors.defence import WindowDefence, quarantined_key
+from processors.ensemble import DETECTORS
 
 log = logging.getLogger("fedguard.processors")
 
 RECEIVED = Counter("fedguard_updates_received_total", "Records read from the raw updates topic")
 VALID = Counter("fedguard_updates_valid_total", "Updates that passed validation")
 REJECTED = Counter("fedguard_updates_rejected_total", "Records rejected by the validator, by reason code", ["reason"])
-for _reason in Reason:  # every code is a series from the start, so dashboards and alerts see zeros, not gaps
-    REJECTED.labels(_reason.value)
 SECURITY_EVENTS = Counter("fedguard_security_events_total", "Security events published on fl.events", ["type"])
 VALIDATE_SECONDS = Histogram("fedguard_validate_seconds", "Time to validate one record (batch time / records)",
                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
 RAW_OFFSET = Gauge("fedguard_processors_raw_offset", "Last raw-topic offset processed", ["partition"])
 WINDOWS_CLOSED = Counter("fedguard_windows_closed_total", "Windows closed", ["closed_by"])
 WINDOW_SIZE = Histogram("fedguard_window_members", "Members per closed window", buckets=(1, 2, 5, 10, 20, 50, 100))
-WINDOW_FLAGGED = Counter("fedguard_window_flagged_total", "Window members flagged by the detectors")
+WINDOW_FLAGGED = Counter("fedguard_window_flagged_total", "Window members the ensemble did not accept, by verdict",
+                         ["verdict"])
+DETECTOR_FLAGS = Counter("fedguard_detector_flags_total", "Votes of each detector against window members",
+                         ["detector"])
+WINDOW_DEVICES = Histogram("fedguard_window_distinct_devices", "Distinct devices per closed window",
+                           buckets=(1, 2, 3, 5, 8, 10, 15, 20, 50, 100))
+WINDOW_SECONDS = Histogram("fedguard_window_judge_seconds", "Detection + reputation + publishing of one window",
+                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+MEMBER_TRUST = Histogram("fedguard_member_trust", "Trust (beta reputation expectation) of window members after "
+                         "their window", buckets=(0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0))
+QUARANTINED = Gauge("fedguard_devices_quarantined", "Devices quarantined by reputation")
+DEVICE_DUPLICATES = Counter("fedguard_window_device_duplicates_total",
+                            "Valid updates not seated because their device already had one in the window")
 LATE_UPDATES = Counter("fedguard_window_late_updates_total", "Valid updates whose base version's window had closed")
 OPEN_WINDOWS = Gauge("fedguard_windows_open", "Windows currently open")
 
@@ -55,10 +75,34 @@ for _reason in Reason:
     REJECTED.labels(_reason.value)
 for _closed_by in ("count", "deadline"):
     WINDOWS_CLOSED.labels(_closed_by)
+for _verdict in ("downweight", "reject"):
+    WINDOW_FLAGGED.labels(_verdict)
+for _detector in DETECTORS:
+    DETECTOR_FLAGS.labels(_detector)
+for _event in ("rate_limited", "ingress_limited", "replay", "flagged", "quarantined", "released"):
+    SECURITY_EVENTS.labels(_event)
+
+
+def observe_window(record: dict) -> None:
+    """The metrics of one closed window (once per window, not per re-delivery)."""
+    WINDOWS_CLOSED.labels(record["closed_by"]).inc()
+    WINDOW_SIZE.observe(len(record["members"]))
+    WINDOW_DEVICES.observe(record["distinct_devices"])
+    for member in record["members"]:
+        if member["verdict"] != "accept":
+            WINDOW_FLAGGED.labels(member["verdict"]).inc()
+        for detector in member.get("flags", []):
+            if detector in DETECTORS:
+                DETECTOR_FLAGS.labels(detector).inc()
+        if member.get("trust") is not None:
+            MEMBER_TRUST.observe(member["trust"])
 
 
 def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
     spec = model_spec(load_task(settings.task, seed=settings.seed))  # the task actually available
+    # The secret sketch the window stage detects on (fedguard/sketch.py): one seed per deployment, in Redis.
+    sketch_spec = SketchSpec(spec.num_params, settings.detector_sketch_k,
+                             registry.sketch_seed(registry.connect(settings), settings))
     app = faust.App(
         f"fedguard-processors-{settings.model_id}",
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -131,6 +175,7 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
             await index_topic.send(key=h.model_id.encode(), value=records.dumps({
                 "update_id": h.update_id, "device_id": h.device_id, "base_version": h.base_version,
                 "num_samples": h.num_samples, "norm": outcome.norm, "raw": position,
+                "sketch": sketch_codec.encode(sketch(outcome.tensor, sketch_spec)),
                 "valid": {"partition": sent.partition, "offset": sent.offset}}), force=True)
             VALID.inc()
         elapsed = (time.perf_counter() - started) / len(events)
@@ -138,43 +183,72 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
             VALIDATE_SECONDS.observe(elapsed)
             RAW_OFFSET.labels(str(event.message.partition)).set(event.message.offset)
 
+    defence: dict[str, WindowDefence] = {}  # made on the worker's event loop, at first use
+    closing = asyncio.Lock()  # the agent and the deadline timer both close windows: one at a time
+
+    def window_defence() -> WindowDefence:
+        if "d" not in defence:
+            defence["d"] = WindowDefence(settings, aioredis.Redis.from_url(settings.redis_url, decode_responses=True))
+        return defence["d"]
+
     async def close(model_id: str, window_state: W.State, base_version: int) -> W.State:
-        window_state, record = W.close_window(window_state, base_version, model_id, time.time(),
-                                              settings.window_size, settings.detector_z_threshold)
+        window_state, window = W.take_window(window_state, base_version)
+        window_id = f"{model_id}:{base_version}"
+        started = time.perf_counter()
+        judged = await window_defence().judge(window_id, window["members"])
+        record = W.window_record(window, judged.members, judged.stats, model_id=model_id, base_version=base_version,
+                                 now=time.time(), size=settings.window_size)
         await windows_topic.send(key=model_id.encode(), value=records.dumps(record), force=True)
-        WINDOWS_CLOSED.labels(record["closed_by"]).inc()
-        WINDOW_SIZE.observe(len(record["members"]))
-        WINDOW_FLAGGED.inc(record["detector"]["flagged"])
-        log.info("closed window %s with %d members (%s)", record["window_id"], len(record["members"]),
-                 record["closed_by"])
+        WINDOW_SECONDS.observe(time.perf_counter() - started)
+        if not judged.replayed:  # a window judged before a crash was counted then
+            await publish_events(judged.events)
+            observe_window(record)
+        log.info("closed window %s with %d members (%s): %d rejected, %d down-weighted%s", window_id,
+                 len(record["members"]), record["closed_by"], record["detector"]["rejected"],
+                 record["detector"]["downweighted"], " (judged before a restart)" if judged.replayed else "")
         return window_state
+
+    async def publish_events(events: list[dict]) -> None:
+        for event in events:
+            SECURITY_EVENTS.labels(event["type"]).inc()
+            await events_topic.send(key=event["device_id"].encode(), value=records.dumps(event), force=True)
 
     @app.agent(index_topic)
     async def collect(stream):
         async for event in stream.events():
             entry = records.loads(event.value)
             model_id = event.key.decode()
-            window_state = window_table.get(model_id) or W.empty_state()
-            window_state, outcome = W.add_member(window_state, entry, time.time(), settings.window_size)
-            if outcome == "late":
-                LATE_UPDATES.inc()
-            elif outcome == "full":
-                window_state = await close(model_id, window_state, int(entry["base_version"]))
-            window_table[model_id] = window_state
-            OPEN_WINDOWS.set(len(window_state["open"]))
+            async with closing:
+                window_state = window_table.get(model_id) or W.empty_state()
+                window_state, outcome = W.add_member(window_state, entry, time.time(), settings.window_size)
+                if outcome == "late":
+                    LATE_UPDATES.inc()
+                elif outcome == "device_duplicate":
+                    DEVICE_DUPLICATES.inc()
+                elif outcome == "full":
+                    window_state = await close(model_id, window_state, int(entry["base_version"]))
+                window_table[model_id] = window_state
+                OPEN_WINDOWS.set(len(window_state["open"]))
 
     @app.timer(interval=0.5)
     async def close_on_deadline() -> None:
-        now = time.time()
-        for model_id, window_state in list(window_table.items()):
-            if not window_state:
-                continue
-            due = W.due_windows(window_state, now, settings.window_size, settings.window_deadline_s)
-            for base_version in due:
-                window_state = await close(model_id, window_state, base_version)
-            if due:
-                window_table[model_id] = window_state
-                OPEN_WINDOWS.set(len(window_state["open"]))
+        async with closing:
+            now = time.time()
+            for model_id, window_state in list(window_table.items()):
+                if not window_state:
+                    continue
+                due = W.due_windows(window_state, now, settings.window_size, settings.window_deadline_s)
+                for base_version in due:
+                    window_state = await close(model_id, window_state, base_version)
+                if due:
+                    window_table[model_id] = window_state
+                    OPEN_WINDOWS.set(len(window_state["open"]))
+
+    @app.timer(interval=5.0)
+    async def release_after_probation() -> None:
+        events = await window_defence().release_due()
+        await publish_events(events)
+        QUARANTINED.set(await window_defence().redis.scard(quarantined_key(settings)))
 
     return app
 

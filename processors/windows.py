@@ -9,10 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from processors.detectors import norm_outliers
-
 State = dict[str, Any]
 
 
@@ -21,7 +17,8 @@ def empty_state() -> State:
 
 
 def add_member(state: State, entry: dict[str, Any], now: float, size: int) -> tuple[State, str]:
-    """Add one index entry. Returns the new state and what happened: ``added``, ``duplicate``, ``late``, ``full``."""
+    """Add one index entry. Returns the new state and what happened: ``added``, ``duplicate`` (same update),
+    ``device_duplicate`` (a second update of a device already in the window), ``late``, ``full``."""
     base = int(entry["base_version"])
     if base <= state["closed_upto"]:
         return state, "late"
@@ -29,6 +26,10 @@ def add_member(state: State, entry: dict[str, Any], now: float, size: int) -> tu
     window = state["open"].setdefault(key, {"opened_at": now, "members": []})
     if any(m["update_id"] == entry["update_id"] for m in window["members"]):
         return state, "duplicate"  # the same valid record delivered twice (at-least-once)
+    if any(m["device_id"] == entry["device_id"] for m in window["members"]):
+        # Admission already allows one update per device per base version (window_duplicate); this keeps the window
+        # right even if that state was lost (e.g. Redis restarted without persistence): the first one keeps the seat.
+        return state, "device_duplicate"
     window["members"].append(entry)
     return state, "full" if len(window["members"]) >= size else "added"
 
@@ -38,19 +39,25 @@ def due_windows(state: State, now: float, size: int, deadline_s: float) -> list[
                   if len(w["members"]) >= size or now - w["opened_at"] >= deadline_s)
 
 
-def close_window(state: State, base_version: int, model_id: str, now: float, size: int,
-                 z_threshold: float) -> tuple[State, dict[str, Any]]:
-    """Remove the window from ``state`` and build its ``fl.windows`` record, with detector scores and verdicts."""
+def take_window(state: State, base_version: int) -> tuple[State, dict[str, Any]]:
+    """Remove the window of ``base_version`` from ``state`` (later updates for it are late) and return it."""
     window = state["open"].pop(str(base_version))
     state["closed_upto"] = max(state["closed_upto"], base_version)
+    return state, window
+
+
+def window_record(window: dict[str, Any], judged: list[dict[str, Any]], stats: dict[str, Any], *, model_id: str,
+                  base_version: int, now: float, size: int) -> dict[str, Any]:
+    """The ``fl.windows`` record of a closed window: each member with the ensemble's outcome (``scores``, ``flags``,
+    ``verdict`` accept / downweight / reject, ``weight`` the multiplier in [0, 1] the aggregator applies, ``reasons``,
+    ``evidence`` fed to reputation, ``trust`` after this window), without its sketch (a detector input only)."""
     members = window["members"]
-    scores, flagged = norm_outliers(np.array([m["norm"] for m in members]), z_threshold)
-    out_members = []
-    for member, score, flag in zip(members, scores, flagged):
-        out_members.append({**member, "scores": {"norm_z": float(score) if np.isfinite(score) else None},
-                            "verdict": "reject" if flag else "accept",
-                            "weight": 0.0 if flag else float(member["num_samples"])})
-    record = {
+    if len(judged) != len(members):
+        raise ValueError(f"{len(judged)} judgements for {len(members)} members")
+    out_members = [{**{k: v for k, v in member.items() if k != "sketch"}, **outcome}
+                   for member, outcome in zip(members, judged)]
+    verdicts = [m["verdict"] for m in out_members]
+    return {
         "window_id": f"{model_id}:{base_version}",
         "model_id": model_id,
         "base_version": base_version,
@@ -58,7 +65,7 @@ def close_window(state: State, base_version: int, model_id: str, now: float, siz
         "closed_at": now,
         "closed_by": "count" if len(members) >= size else "deadline",
         "members": out_members,
-        "detector": {"name": "norm_modified_z", "threshold": z_threshold,
-                     "flagged": int(flagged.sum()), "median_norm": float(np.median([m["norm"] for m in members]))},
+        "distinct_devices": len({m["device_id"] for m in members}),
+        "detector": {**stats, "flagged": sum(v != "accept" for v in verdicts),
+                     "rejected": verdicts.count("reject"), "downweighted": verdicts.count("downweight")},
     }
-    return state, record

@@ -33,7 +33,7 @@ def write_window(settings, service, deltas, base_version, num_samples=None, verd
                            value=records.encode_valid(meta, delta.astype(np.float32))).get(timeout=30)
         verdict = "accept" if verdicts is None else verdicts[i]
         members.append({**meta, "valid": {"partition": md.partition, "offset": md.offset}, "verdict": verdict,
-                        "weight": float(count) if verdict == "accept" else 0.0})
+                        "weight": {"accept": 1.0, "downweight": 0.5}.get(verdict, 0.0)})
     producer.close()
     return {"window_id": f"{settings.model_id}:{base_version}", "model_id": settings.model_id,
             "base_version": base_version, "opened_at": 0.0, "closed_at": 0.0, "closed_by": "count",
@@ -181,3 +181,37 @@ def test_noise_is_unpredictable_unless_an_experiment_seeds_it(settings, tmp_path
         info = version.meta["rule_info"]
         assert info["private"] is False and info["noise_source"] == "experiment_seed", info
         assert info["noise_seed"] == [7, 0]
+
+
+def test_downweighted_members_count_with_their_weight_and_rejected_ones_not_at_all(settings):
+    """The window stage's weight multiplies FedAvg's capped sample count; a rejected member never enters; the version
+    records the weight applied to each member (issue 13, item 3)."""
+    settings = settings.with_overrides(rule="fedavg", sample_count_cap=100)
+    service = AggregatorService(settings)
+    try:
+        current = service.start()
+        dim = current.params.size
+        deltas = [np.full(dim, 1.0), np.full(dim, 3.0), np.full(dim, 100.0)]
+        window = write_window(settings, service, deltas, 0, num_samples=[50, 400, 50],
+                              verdicts=["accept", "downweight", "reject"])
+        new = service.handle_window(window)
+        # weights: 50 * 1.0 and min(400, 100) * 0.5 = 50 -> the mean of 1 and 3.
+        np.testing.assert_allclose(new.params - current.params, 2.0, atol=1e-5)
+        assert new.meta["rule_info"]["member_weights"] == {"dev-0000": 1.0, "dev-0001": 0.5}
+        assert new.meta["accepted"] == 2 and new.meta["members"] == 3
+    finally:
+        service.close()
+
+
+def test_a_window_the_rule_cannot_aggregate_says_its_parameters_were_carried_over(settings):
+    settings = settings.with_overrides(rule="krum", rule_params='{"f": 1}')
+    service = AggregatorService(settings)
+    try:
+        current = service.start()
+        window = write_window(settings, service, [np.ones(current.params.size)] * 2, 0)
+        new = service.handle_window(window)
+        assert new.version == 1 and np.array_equal(new.params, current.params)
+        info = new.meta["rule_info"]
+        assert info["params_from"] == 0 and "carried into version 1" in info["skipped"], info
+    finally:
+        service.close()

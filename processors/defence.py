@@ -1,0 +1,273 @@
+"""The window stage's defence: the detection ensemble on a closing window, and reputation in Redis.
+
+When a window closes, :meth:`WindowDefence.judge` reads the members' per-device histories and reputations and the
+previous global update's sketch from Redis, runs :func:`processors.ensemble.score_window` (pure), feeds each
+member's *evidence* to the beta reputation (:func:`processors.reputation.observe`, pure), and applies everything in
+one atomic step (:data:`APPLY_WINDOW_LUA`):
+
+* the window's outcome is stored under ``fedguard:window:<window id>`` with SET NX: a window closed again after a
+  worker crash (at-least-once delivery) gets the stored outcome back and changes nothing, so reputation is updated
+  exactly once per window, and the re-sent ``fl.windows`` record is identical;
+* reputations (``fedguard:reputation:<id>``: ``trust`` = E, ``state`` = JSON) and histories are written, each
+  device's bounded audit history is pushed, and a device the reputation quarantines gets ``quarantined`` in the
+  registry (with its auth string, so the validator refuses its next update at once), unless it is revoked.
+
+Events (``flagged``, ``quarantined``, ``released``) are returned for the caller to publish on ``fl.events``.
+
+Redis keys owned here (namespaced by ``Settings.redis_prefix``):
+
+| key | type | holds |
+|---|---|---|
+| ``fedguard:window:<window id>`` | string, expires (7 days) | the judged window (members' verdicts, stats, events) |
+| ``fedguard:reputation:<id>`` | hash | ``trust`` (E of the beta reputation, read by the aggregator and the ensemble), ``state`` (JSON of :class:`Reputation`), ``updated_at`` |
+| ``fedguard:reputation:<id>:history`` | list | newest first, capped at ``HISTORY_LENGTH``: JSON per window (window, verdict, evidence, weight, flags, reasons, scores, trust after) |
+| ``fedguard:detector:history:<id>`` | string | the device's :class:`DeviceHistory` (sum of its sketches) |
+| ``fedguard:detector:<model id>:global_sketch`` | string | sketch of the last global update (weighted mean of the last window's admitted members' sketches) |
+| ``fedguard:quarantined`` | set | devices quarantined by reputation (the release timer scans it) |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from fedguard import registry
+from fedguard import sketch as sketch_codec
+from fedguard.settings import Settings
+from processors.detectors import DeviceHistory
+from processors.ensemble import EnsembleConfig, score_window
+from processors.reputation import Reputation, ReputationParams, expectation, maybe_release, observe
+
+log = logging.getLogger("fedguard.defence")
+
+HISTORY_LENGTH = 200
+WINDOW_RECORD_TTL_S = 7 * 24 * 3600
+
+# KEYS[1]: the window's outcome key. ARGV[1]: the outcome (JSON), ARGV[2]: its TTL in seconds, ARGV[3]: the plan,
+# JSON {"hset": [[key, field, value, ...]], "set": [[key, value]], "push": [[key, value, cap]], "quarantine":
+# [[device hash, auth key, reason]], "sadd": [[key, member]]}. Returns nil when applied now, else the stored outcome.
+APPLY_WINDOW_LUA = r"""
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then
+  return redis.call('GET', KEYS[1])
+end
+local plan = cjson.decode(ARGV[3])
+for _, h in ipairs(plan.hset) do redis.call('HSET', unpack(h)) end
+for _, kv in ipairs(plan.set) do redis.call('SET', kv[1], kv[2]) end
+for _, p in ipairs(plan.push) do
+  redis.call('LPUSH', p[1], p[2]); redis.call('LTRIM', p[1], 0, tonumber(p[3]) - 1)
+end
+for _, q in ipairs(plan.quarantine) do
+  local status = redis.call('HGET', q[1], 'status')
+  if status == 'active' then  -- a revoked device stays revoked
+    redis.call('HSET', q[1], 'status', 'quarantined', 'status_reason', q[3])
+    local pk = redis.call('HGET', q[1], 'public_key')
+    if pk then redis.call('SET', q[2], 'quarantined ' .. pk) end
+  end
+end
+for _, m in ipairs(plan.sadd) do redis.call('SADD', m[1], m[2]) end
+return false
+"""
+
+# Release a device from quarantine if it is still quarantined by reputation. KEYS: reputation hash, device hash, auth
+# key, quarantined set. ARGV: device id, new state JSON, trust, now. Returns 1 if released.
+RELEASE_LUA = r"""
+redis.call('SREM', KEYS[4], ARGV[1])
+local status = redis.call('HGET', KEYS[2], 'status')
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'trust', ARGV[3], 'updated_at', ARGV[4])
+if status ~= 'quarantined' then return 0 end
+redis.call('HSET', KEYS[2], 'status', 'active', 'status_reason', 'released after probation')
+local pk = redis.call('HGET', KEYS[2], 'public_key')
+if pk then redis.call('SET', KEYS[3], 'active ' .. pk) end
+return 1
+"""
+
+
+def reputation_key(settings: Settings, device_id: str) -> str:
+    return settings.redis_key("reputation", device_id)
+
+
+def reputation_history_key(settings: Settings, device_id: str) -> str:
+    return settings.redis_key("reputation", device_id, "history")
+
+
+def detector_history_key(settings: Settings, device_id: str) -> str:
+    return settings.redis_key("detector", "history", device_id)
+
+
+def global_sketch_key(settings: Settings) -> str:
+    return settings.redis_key("detector", settings.model_id, "global_sketch")
+
+
+def window_key(settings: Settings, window_id: str) -> str:
+    return settings.redis_key("window", window_id)
+
+
+def quarantined_key(settings: Settings) -> str:
+    return settings.redis_key("quarantined")
+
+
+def load_reputation(state: str | None) -> Reputation:
+    if not state:
+        return Reputation()
+    try:
+        return Reputation.from_json(state)
+    except ValueError:  # a damaged entry must not stop the window stage: start the device over, and say so
+        log.error("unreadable reputation state %r: starting the device afresh", state[:100])
+        return Reputation()
+
+
+@dataclass
+class Judged:
+    """A judged window: each member's outcome (``scores``, ``flags``, ``verdict``, ``weight``, ``reasons``,
+    ``evidence``, ``trust``), window statistics, and the events to publish."""
+
+    members: list[dict[str, Any]]
+    stats: dict[str, Any]
+    events: list[dict[str, Any]]
+    replayed: bool = False  # True: the window had been judged before (a re-delivery); nothing changed now
+
+
+class WindowDefence:
+    def __init__(self, settings: Settings, client: aioredis.Redis, config: EnsembleConfig | None = None,
+                 params: ReputationParams | None = None):
+        self.settings = settings
+        self.redis = client
+        self.config = config or EnsembleConfig()
+        self.params = params or ReputationParams(probation_s=settings.quarantine_probation_s)
+        self.k = settings.detector_sketch_k
+        self._apply = client.register_script(APPLY_WINDOW_LUA)
+        self._release = client.register_script(RELEASE_LUA)
+
+    async def judge(self, window_id: str, members: list[dict[str, Any]], now: float | None = None) -> Judged:
+        now = time.time() if now is None else now
+        s = self.settings
+        stored = await self.redis.get(window_key(s, window_id))
+        if stored is not None:
+            return _judged_from(stored)
+        devices = [m["device_id"] for m in members]
+        pipe = self.redis.pipeline(transaction=False)
+        for d in devices:
+            pipe.hget(reputation_key(s, d), "state")
+        for d in devices:
+            pipe.get(detector_history_key(s, d))
+        pipe.get(global_sketch_key(s))
+        replies = await pipe.execute()
+        reps = [load_reputation(state) for state in replies[:len(devices)]]
+        histories = [self._history(text) for text in replies[len(devices):2 * len(devices)]]
+        previous = self._decode(replies[-1])
+        sketches = np.stack([self._decode(m.get("sketch")) if m.get("sketch") else np.zeros(self.k, np.float32)
+                             for m in members]) if members else np.zeros((0, self.k), np.float32)
+        norms = np.array([float(m["norm"]) for m in members])
+        trust = np.array([expectation(r) for r in reps])
+
+        if s.detection == "none":
+            outcome = [{"scores": {}, "flags": [], "verdict": "accept", "weight": 1.0, "reasons": [],
+                        "evidence": "accept"} for _ in members]
+            stats: dict[str, Any] = {"detection": "none", "n": len(members)}
+        else:
+            verdict = score_window(norms, sketches, histories, previous, trust, self.config)
+            outcome = [{"scores": v.scores, "flags": v.flags, "verdict": v.verdict, "weight": v.weight,
+                        "reasons": v.reasons, "evidence": v.evidence} for v in verdict.members]
+            stats = {"detection": "ensemble", **verdict.stats}
+
+        plan: dict[str, list] = {"hset": [], "set": [], "push": [], "quarantine": [], "sadd": []}
+        events: list[dict[str, Any]] = []
+        for i, (member, out) in enumerate(zip(members, outcome)):
+            device = member["device_id"]
+            plan["set"].append([detector_history_key(s, device), self._updated(histories[i], sketches[i])])
+            if s.detection == "none":
+                out["trust"] = trust[i]
+                continue
+            rep, happened = observe(reps[i], out["evidence"], now, self.params)
+            out["trust"] = expectation(rep)
+            plan["hset"].append([reputation_key(s, device), "state", rep.to_json(), "trust", repr(out["trust"]),
+                                 "updated_at", repr(now)])
+            plan["push"].append([reputation_history_key(s, device), json.dumps({
+                "window_id": window_id, "at": now, "verdict": out["verdict"], "evidence": out["evidence"],
+                "weight": out["weight"], "flags": out["flags"], "reasons": out["reasons"], "scores": out["scores"],
+                "trust": out["trust"], "status": rep.status}), HISTORY_LENGTH])
+            for kind in happened:
+                events.append({"type": kind, "device_id": device, "window_id": window_id,
+                               "update_id": member["update_id"], "verdict": out["verdict"], "flags": out["flags"],
+                               "reasons": out["reasons"], "trust": out["trust"], "at": now})
+            if "quarantined" in happened:
+                plan["quarantine"].append([registry.device_key(s, device), registry.auth_key(s, device),
+                                           f"reputation: trust {out['trust']:.3f} after window {window_id}"])
+                plan["sadd"].append([quarantined_key(s), device])
+        admitted = [(i, o["weight"] * min(float(m["num_samples"]), float(s.sample_count_cap)))
+                    for i, (m, o) in enumerate(zip(members, outcome)) if o["verdict"] != "reject"]
+        total = sum(w for _, w in admitted)
+        if total > 0:
+            mean = sum(w * sketches[i].astype(np.float64) for i, w in admitted) / total
+            plan["set"].append([global_sketch_key(s), sketch_codec.encode(mean.astype(np.float32))])
+        judged = Judged(members=[_clean(o) for o in outcome], stats=_clean(stats), events=_clean(events))
+        text = json.dumps({"members": judged.members, "stats": judged.stats, "events": judged.events})
+        earlier = await self._apply(keys=[window_key(s, window_id)],
+                                    args=[text, WINDOW_RECORD_TTL_S, json.dumps(plan)])
+        return judged if earlier is None else _judged_from(earlier)
+
+    async def release_due(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Release the devices whose quarantine probation is over; returns their ``released`` events."""
+        now = time.time() if now is None else now
+        s = self.settings
+        devices = sorted(await self.redis.smembers(quarantined_key(s)))
+        events = []
+        for device in devices:
+            rep = load_reputation(await self.redis.hget(reputation_key(s, device), "state"))
+            released, happened = maybe_release(rep, now, self.params)
+            if not happened:
+                continue
+            trust = expectation(released)
+            done = await self._release(keys=[reputation_key(s, device), registry.device_key(s, device),
+                                             registry.auth_key(s, device), quarantined_key(s)],
+                                       args=[device, released.to_json(), repr(trust), repr(now)])
+            if done:
+                events.append({"type": "released", "device_id": device, "trust": trust, "at": now,
+                               "reason": "probation over"})
+        return events
+
+    def _history(self, text: str | None) -> DeviceHistory | None:
+        if not text:
+            return None
+        try:
+            return DeviceHistory.from_json(text, self.k)
+        except ValueError:
+            log.error("unreadable detector history: starting the device's history afresh")
+            return None
+
+    def _updated(self, history: DeviceHistory | None, sketch: np.ndarray) -> str:
+        from processors.detectors import updated
+
+        return updated(history, sketch).to_json()
+
+    def _decode(self, text: str | None) -> np.ndarray | None:
+        if not text:
+            return None
+        return sketch_codec.decode(text, self.k)
+
+
+def _judged_from(stored: str) -> Judged:
+    obj = json.loads(stored)
+    return Judged(members=obj["members"], stats=obj["stats"], events=obj["events"], replayed=True)
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if np.isfinite(v) else None
+    return obj
