@@ -6,6 +6,8 @@
     fedguard devices enroll     key pairs for N devices, public keys into the Redis registry (operator credential)
     fedguard devices revoke|rotate ID   revoke a device / give it a new key (operator credential)
     fedguard devices list       the registry: status and key fingerprint of each device
+    fedguard devices show ID    a device's trust, reputation and its last windows' verdicts with reasons
+    fedguard devices quarantine|release ID   by hand (operator credential); reputation does it automatically
     fedguard inject KIND        attack traffic on the raw topic of a running pipeline (garbage, tamper, replay, flood)
     fedguard attack KIND        insider poisoning: compromise a fraction of the enrolled devices (status, stop)
     fedguard rejected           the dead-letter topic: counts by reason code and the last records with their detail
@@ -79,7 +81,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     stack = EmbeddedStack(settings, own_broker=not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
-                          own_redis=not os.environ.get("REDIS_URL"))
+                          own_redis=not os.environ.get("REDIS_URL"), say=lambda line: print(line, flush=True))
     stop = _stop_event()
     stack.start()
     print(f"fedguard is up: broker {settings.kafka_bootstrap}, redis {settings.redis_url}, data {settings.data_dir}")
@@ -89,19 +91,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     print(f"  operator token (fedguard devices enroll|revoke|rotate): "
           f"{'$' + TOKEN_ENV if os.environ.get(TOKEN_ENV) else token_path(settings)}")
-    print(f"  logs in {stack.log_dir}; Ctrl-C stops everything")
-    code = 0
+    print(f"  logs in {stack.log_dir}; a process that exits is restarted (docs/operations.md); Ctrl-C stops "
+          f"everything", flush=True)
     try:
-        while not stop.wait(1.0):
-            dead = stack.check_alive()
-            if dead:
-                print(f"fedguard: {', '.join(dead)} exited; stopping the stack (see {stack.log_dir})", file=sys.stderr)
-                code = 1
-                break
+        while not stop.wait(1.0):  # only Ctrl-C or SIGTERM ends this loop
+            stack.supervise()
     finally:
         stack.stop()
     print("fedguard stopped")
-    return code
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -146,8 +144,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"topics created: {', '.join(done['topics_created']) or '(all existed)'}")
         print(f"server public key published to Redis; operator credential ready "
               f"(token: $FEDGUARD_OPERATOR_TOKEN or {token_path(settings)})")
+        if done["version_restored"] is not None:
+            print(f"model version key restored from the model store: {done['version_restored']}")
         if not args.no_enroll:
-            print(f"{settings.num_devices} devices enrolled ({len(done['devices_new'])} new)")
+            print(f"{settings.num_devices} devices enrolled ({len(done['devices_new'])} new; revoked devices stay "
+                  f"revoked, enrolled devices keep their registry keys)")
         return 0
 
     return _operator_call(run)
@@ -175,6 +176,70 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         entry = revoke(settings, args.device_id, reason=args.reason)
         print(f"{args.device_id} revoked ({entry.get('status_reason') or 'no reason given'}); its updates are "
               f"now rejected with reason code 'revoked'")
+        return 0
+
+    return _operator_call(run)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import json
+
+    from fedguard import registry
+    from processors.defence import device_report
+
+    settings = settings_from(args)
+    try:
+        report = device_report(registry.connect(settings), settings, args.device_id, last=args.last)
+    except KeyError as exc:
+        print(f"fedguard: {exc.args[0]}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    rep = report["reputation"]
+    print(f"{report['device_id']}: {report['status']}"
+          f"{' (' + report['status_reason'] + ')' if report['status_reason'] else ''}, key {report['fingerprint']}")
+    print(f"  trust {report['trust']:.3f} (beta reputation: positive evidence {rep['r']:.2f}, negative "
+          f"{rep['s']:.2f}; {rep['windows']} windows, {rep['strikes']} rejected in a row, quarantined "
+          f"{rep['quarantines']} times{', on probation' if rep['probation'] else ''})")
+    if not report["history"]:
+        print("  no window has judged this device yet")
+    for h in report["history"]:
+        why = "; ".join(h["reasons"]) or "-"
+        print(f"  {time.strftime('%H:%M:%S', time.localtime(h['at']))} window {h['window_id']:<24} "
+              f"{h['verdict']:<10} weight {h['weight']:.2f} trust {h['trust']:.3f}  {why}")
+    return 0
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from fedguard import operator, registry
+    from processors.defence import operator_quarantine
+
+    settings = settings_from(args)
+
+    def run() -> int:
+        client = registry.connect(settings)
+        operator.verify(client, settings)
+        operator_quarantine(client, settings, args.device_id, args.reason)
+        print(f"{args.device_id} quarantined: its updates are rejected with reason code 'quarantined' until "
+              f"`fedguard devices release {args.device_id}`")
+        return 0
+
+    return _operator_call(run)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from fedguard import operator, registry
+    from processors.defence import operator_release
+
+    settings = settings_from(args)
+
+    def run() -> int:
+        client = registry.connect(settings)
+        operator.verify(client, settings)
+        trust = operator_release(client, settings, args.device_id)
+        print(f"{args.device_id} released on probation (trust {trust:.3f}: its next updates are down-weighted, "
+              f"and one rejection quarantines it again)")
         return 0
 
     return _operator_call(run)
@@ -335,7 +400,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if not isinstance(params, dict):
             raise ValueError("--params must be a JSON object")
         started = campaign.start(client, settings, args.kind, args.fraction, params=params,
-                                 start_version=args.start_round, rounds=args.rounds)
+                                 start_version=args.start_round, rounds=args.rounds,
+                                 devices=args.compromise.split(",") if args.compromise else None)
     except (ValueError, json.JSONDecodeError) as exc:
         print(f"fedguard attack: {exc} (fedguard attack --help lists the kinds)", file=sys.stderr)
         return 2
@@ -435,6 +501,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-key", help="hex X25519 public key generated on the device; default: a new pair in "
                                         "the key store")
     p.set_defaults(func=cmd_rotate)
+    p = dsub.add_parser("show", help="why a device is trusted or not: reputation and its last windows' verdicts")
+    _common(p)
+    p.add_argument("device_id")
+    p.add_argument("--last", type=int, default=10, help="how many of its last windows to show")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+    p = dsub.add_parser("quarantine", help="quarantine a device by hand (its updates are rejected 'quarantined')")
+    _common(p)
+    p.add_argument("device_id")
+    p.add_argument("--reason", default="", help="why (kept in the registry and the audit list)")
+    p.set_defaults(func=cmd_quarantine)
+    p = dsub.add_parser("release", help="release a quarantined device on probation")
+    _common(p)
+    p.add_argument("device_id")
+    p.set_defaults(func=cmd_release)
     p = dsub.add_parser("list", help="enrolled devices: status, key fingerprint, last sequence number")
     _common(p)
     p.add_argument("--json", action="store_true")
@@ -461,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="rounds in which the attack fires (default: every round; "
                                               "model_replacement: 1)")
     p.add_argument("--params", help="JSON object of the attack's parameters (docs/attacks.md)")
+    p.add_argument("--compromise", metavar="IDS", help="comma-separated device ids to compromise instead of a "
+                                                        "random --fraction")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("init", help="one-shot set-up: topics, server key, operator credential, enrollment")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
 from fedguard import envelope, records, registry
@@ -36,7 +37,9 @@ from producers.keystore import Keystore
 
 log = logging.getLogger("fedguard.fleet")
 
-SENT = Counter("fedguard_fleet_updates_sent_total", "Updates published by the fleet")
+SENT = Counter("fedguard_fleet_updates_sent_total", "Updates the fleet published and the broker acknowledged")
+SEND_FAILED = Counter("fedguard_fleet_send_failures_total",
+                      "Updates the fleet tried to publish that the broker did not acknowledge (not counted as sent)")
 TRAIN_SECONDS = Histogram("fedguard_fleet_train_seconds", "Local training time per device and round",
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
 ROUND = Gauge("fedguard_fleet_base_version", "Global version the fleet last trained from")
@@ -82,6 +85,7 @@ class Fleet:
                                       acks="all", linger_ms=5, max_request_size=settings.max_payload_bytes)
         self.models = models_consumer(settings, "fedguard-fleet-models")
         self.latest: dict[str, Any] | None = None
+        self._unconfirmed: list[tuple[UpdateHeader, Any]] = []  # sends since the last confirm(): (header, future)
         self._attack_state: dict[str, dict] = {}  # per campaign: what an attack keeps across rounds
 
     def _derive(self, device_id: str) -> bytes:
@@ -129,15 +133,33 @@ class Fleet:
             self.run_round(latest, attempt, stop)
             trained_version, last_round_at = latest["version"], time.monotonic()
 
-    def select(self, version: int, attempt: int) -> list[int]:
-        rng = np.random.default_rng([self.settings.seed, version, attempt])
-        return sorted(rng.choice(self.settings.num_devices, self.settings.devices_per_round, replace=False).tolist())
+    def active(self) -> list[int]:
+        """Indices of the devices whose registry status is ``active`` (one pipelined Redis read): revoked and
+        quarantined devices are not sampled, so no round waits for updates the validator will refuse."""
+        pipe = self.redis.pipeline(transaction=False)
+        for device_id in self.ids:
+            pipe.hget(registry.device_key(self.settings, device_id), "status")
+        return [i for i, status in enumerate(pipe.execute()) if status == registry.ACTIVE]
+
+    def select(self, version: int, attempt: int, active: list[int] | None = None) -> list[int]:
+        """The devices of a round: ``devices_per_round`` of the active ones (all if fewer), drawn with a generator
+        seeded by (seed, version, attempt), so the choice depends only on those and the set of active devices
+        (with every device active it is the choice of earlier versions of the fleet). The draw is
+        :func:`producers.sampling.sample_devices`, which the in-process simulation uses too."""
+        from producers.sampling import sample_devices
+
+        if active is None:
+            active = self.active()
+        return sample_devices(self.settings.seed, version, attempt, self.settings.num_devices,
+                              self.settings.devices_per_round, active)
 
     def run_round(self, meta: dict[str, Any], attempt: int = 0, stop: threading.Event | None = None) -> int:
         self.sync_keystore()
         base = load_weights(meta["path"], meta["sha256"])
         version = int(meta["version"])
         selected = self.select(version, attempt)
+        if not selected:
+            log.warning("no active device to sample on version %d (all revoked or quarantined)", version)
         campaign = self._campaign(version)
         compromised = [i for i in selected if campaign is not None and self.ids[i] in campaign.devices]
         sent, honest_deltas = 0, []
@@ -152,12 +174,13 @@ class Fleet:
             sent += 1
         if compromised and not (stop is not None and stop.is_set()):
             sent += self.attack(campaign, compromised, base, version, honest_deltas)
-        self.producer.flush()
+        acknowledged = self.confirm()
         self.sync_keystore()
         ROUND.set(version)
-        log.info("trained on version %d (attempt %d): %d updates sent%s", version, attempt, sent,
+        log.info("trained on version %d (attempt %d): %d updates sent (acknowledged by the broker, of %d)%s",
+                 version, attempt, acknowledged, sent,
                  f", {len(compromised)} compromised devices sampled ({campaign.kind})" if compromised else "")
-        return sent
+        return acknowledged
 
     def _seed(self, version: int, index: int) -> int:
         return (self.settings.seed * 1_000_003 + version * 1009 + index) % 2**31
@@ -191,7 +214,14 @@ class Fleet:
                 header = self.publish(self.ids[index], version, delta, num_samples)
                 entries.append({"device_id": self.ids[index], "update_id": header.update_id, "base_version": version,
                                 "num_samples": int(num_samples), "norm": float(np.linalg.norm(delta))})
-        self.producer.flush()  # the ledger names only what was handed to the broker
+        try:
+            self.producer.flush()
+        except KafkaError as exc:
+            log.warning("flushing the producer failed: %r", exc)
+        # The ledger names only what the broker acknowledged (confirm() counts and logs the rest).
+        acknowledged = {h.update_id for h, f in self._unconfirmed
+                        if not isinstance(f, BaseException) and f.is_done and f.succeeded()}
+        entries = [e for e in entries if e["update_id"] in acknowledged]
         campaign_mod.record_round(self.redis, self.settings, campaign, entries)
         MALICIOUS_SENT.labels(campaign.kind).inc(len(entries))
         log.warning("campaign %s (%s): %d devices sent %d malicious updates on version %d", campaign.id,
@@ -214,9 +244,41 @@ class Fleet:
         header = UpdateHeader.new(device_id=device_id, seq=keys.seq, base_version=base_version,
                                   num_samples=num_samples, model_id=self.settings.model_id)
         sealed = envelope.seal(header, encode_tensor(delta.astype(np.float32)), self.aead_keys[device_id])
-        self.producer.send(self.settings.topics.raw, key=device_id.encode(), value=sealed)
-        SENT.inc()
+        try:
+            future = self.producer.send(self.settings.topics.raw, key=device_id.encode(), value=sealed)
+        except KafkaError as exc:  # e.g. no metadata within max_block_ms: the broker is away
+            future = exc
+        self._unconfirmed.append((header, future))  # counted by confirm(), once the broker acknowledged it
         return header
+
+    def confirm(self) -> int:
+        """Flush the producer and count what the broker acknowledged since the last call; returns that number.
+
+        ``fedguard_fleet_updates_sent_total`` counts only acknowledged records; each one the broker did not
+        acknowledge (the broker down or restarting, a record refused) is logged and counted in
+        ``fedguard_fleet_send_failures_total`` instead. The producer's delivery timeout bounds the wait.
+        """
+        try:
+            self.producer.flush()
+        except KafkaError as exc:
+            log.warning("flushing the producer failed: %r", exc)
+        pending, self._unconfirmed = self._unconfirmed, []
+        acknowledged, failed = 0, []
+        for header, future in pending:
+            if isinstance(future, BaseException):
+                failed.append((header, future))
+            elif future.is_done and future.succeeded():
+                acknowledged += 1
+            else:
+                failed.append((header, future.exception if future.is_done else "no answer from the broker"))
+        SENT.inc(acknowledged)
+        if failed:
+            SEND_FAILED.inc(len(failed))
+            header, error = failed[-1]
+            log.warning("%d of %d updates were not acknowledged by the broker and are not counted as sent "
+                        "(devices %s; last error: %r)", len(failed), len(pending),
+                        ", ".join(sorted({h.device_id for h, _ in failed})), error)
+        return acknowledged
 
     def close(self) -> None:
         self.sync_keystore()
