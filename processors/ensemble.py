@@ -221,6 +221,11 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
             if res.flagged[i]:
                 reasons[i].append(f"sybil: near-identical (cosine > {cfg.sybil_cos}) to {int(res.scores[i]) - 1} "
                                   f"other member(s) of this window")
+        # A Sybil group is rejected; it must not also be the reference the other members are judged against (two
+        # copies along minus the mean in a window of five turned the direction detector against every honest member).
+        # Honest non-IID pairs never come near the Sybil cosine (<= 0.61 measured), so no honest member loses weight.
+        if res.flagged.any() and not res.flagged.all():
+            ct = np.where(res.flagged, 0.0, ct if ct is not None else np.ones(n))
     if "cluster" in on:
         res = D.concentration(s, labels=labels, low=cfg.cluster_cos_low, min_density=cfg.cluster_min_density,
                               margin=cfg.cluster_margin)

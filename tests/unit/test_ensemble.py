@@ -245,3 +245,21 @@ def test_bad_input_raises():
         score_window(np.ones(3), x, [None] * 3, None, np.ones(2))
     with pytest.raises(ValueError):
         score_window(np.ones(3), x, [DeviceHistory.empty(K + 1), None, None], None, np.ones(3))
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_a_sybil_group_along_minus_the_mean_does_not_become_the_reference_for_honest_members(copies):
+    """Found live: two copies along minus the honest mean, at the honest median norm, in a window of five, turned
+    the direction detector against every honest member (they were rejected). The group is rejected; the honest
+    members are not."""
+    rng = np.random.default_rng(7)
+    d, n_honest = 400, 5 - copies
+    common = rng.normal(size=d)
+    honest = np.stack([0.45 * common + rng.normal(size=d) for _ in range(n_honest)])  # pairwise cosines ~0.15
+    mean = honest.mean(axis=0)
+    attack = -mean / np.linalg.norm(mean) * np.median(np.linalg.norm(honest, axis=1))
+    window = np.vstack([honest] + [attack] * copies)
+    verdict = score_window(np.linalg.norm(window, axis=1), window, [None] * 5, None, np.full(5, 0.5))
+    verdicts = [m.verdict for m in verdict.members]
+    assert verdicts[n_honest:] == ["reject"] * copies
+    assert "reject" not in verdicts[:n_honest], [(m.verdict, m.flags) for m in verdict.members]
