@@ -78,7 +78,11 @@ class Settings:
     quarantine_probation_s: float = 3600.0  # seconds a device stays quarantined by reputation before release
 
     # Aggregation.
-    rule: str = "fedavg"
+    # The default holds under attack together with the detection ensemble (docs/defaults.md, bench/results/): each
+    # admitted update clipped to the window's median norm, then FedAvg's weighted mean (weights = capped sample
+    # count x the ensemble's weight). Plain fedavg lets one scaled update that the ensemble only down-weights
+    # replace the model (Bagdasaryan et al. 2020).
+    rule: str = "norm_clip"
     rule_params: str = ""  # JSON object of the rule's parameters, e.g. {"f": 2} for krum
     sample_count_cap: int = 1000
     # Noise of the randomised rules (dp_gaussian, FLAME) comes from OS entropy. An experiment that must be

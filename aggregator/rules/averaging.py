@@ -80,22 +80,26 @@ def fedavg(
     return result(vec, np.flatnonzero(w), {"weights": to_list(w), "n_capped": n_capped}, "fedavg")
 
 
-def norm_clip(updates: np.ndarray, max_norm: float | None = None) -> AggregateResult:
+def norm_clip(updates: np.ndarray, max_norm: float | None = None,
+              sample_counts: Any = None) -> AggregateResult:
     r"""Norm clipping ("norm thresholding") then averaging.
 
     Definition (Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor
     Federated Learning?", arXiv:1911.07963, 2019, Sec. 3 "norm thresholding
-    of updates"):
+    of updates", applied to FedAvg's weighted average):
 
-    .. math::  \mathrm{agg} = \frac1n \sum_i x_i \min\Bigl(1, \frac{S}{\lVert x_i\rVert_2}\Bigr)
+    .. math::  \mathrm{agg} = \sum_i p_i\, x_i \min\Bigl(1, \frac{S}{\lVert x_i\rVert_2}\Bigr),
+               \qquad p_i = \frac{c_i}{\sum_j c_j}
 
     with :math:`S` = ``max_norm`` if given, otherwise the median of the
-    updates' L2 norms (an adaptive threshold, as FLAME uses).
+    updates' L2 norms (an adaptive threshold, as FLAME uses), and
+    :math:`c_i` = ``sample_counts`` (all 1 when not given: the plain mean).
 
-    Preconditions: ``max_norm > 0`` when given.
+    Preconditions: ``max_norm > 0`` when given; ``sample_counts``
+    non-negative with a positive sum.
 
     ``selected`` = all members; ``info``: ``clip_norm`` (S), ``n_clipped``,
-    ``weights`` (the effective coefficients ``min(1, S/||x_i||)/n``).
+    ``weights`` (the effective coefficients ``p_i min(1, S/||x_i||)``).
     """
     x = as_updates(updates, check_finite=False)
     n = x.shape[0]
@@ -105,8 +109,15 @@ def norm_clip(updates: np.ndarray, max_norm: float | None = None) -> AggregateRe
         s = float(np.median(norms))
     else:
         s = check_real("max_norm", max_norm, low=0.0, low_open=True)
+    if sample_counts is None:
+        p = np.full(n, 1.0 / n)
+    else:
+        c = np.asarray(sample_counts, dtype=np.float64).reshape(-1)
+        if c.shape != (n,) or not np.isfinite(c).all() or (c < 0).any() or c.sum() <= 0:
+            raise PreconditionError(f"sample_counts must be {n} non-negative numbers with a positive sum")
+        p = c / c.sum()
     scale = _clip_scales(norms, s)
-    w = scale / n
+    w = scale * p
     vec = combine(x, w)
     info = {"clip_norm": s, "n_clipped": int((scale < 1.0).sum()), "weights": to_list(w)}
     return result(vec, np.arange(n), info, "norm_clip")

@@ -65,8 +65,8 @@ RULE_SPECS: dict[str, RuleSpec] = {
     for s in [
         RuleSpec("fedavg", fedavg, {"cap": _opt(_pos("cap"))}, ("sample_counts",), _one,
                  "sample-count weighted mean, counts capped"),
-        RuleSpec("norm_clip", norm_clip, {"max_norm": _opt(_pos("max_norm"))}, (), _one,
-                 "clip each update to a norm bound (fixed or median), then mean"),
+        RuleSpec("norm_clip", norm_clip, {"max_norm": _opt(_pos("max_norm"))}, ("sample_counts",), _one,
+                 "clip each update to a norm bound (fixed or median), then FedAvg's weighted mean"),
         RuleSpec("coordinate_median", coordinate_median, {}, (), _one, "coordinate-wise median"),
         RuleSpec("trimmed_mean", trimmed_mean,
                  {"beta": lambda v: check_real("beta", v, low=0.0, high=0.5, high_open=True)}, (), _one,

@@ -747,3 +747,19 @@ def test_rules_do_not_copy_the_updates(name, two_threads):
     finally:
         tracemalloc.stop()
     assert peak < 0.5 * x.nbytes, f"{name}: peak {peak / 1e6:.1f} MB for a {x.nbytes / 1e6:.0f} MB input"
+
+
+def test_norm_clip_weights_by_sample_counts_after_clipping():
+    """Sun et al. (2019) norm thresholding inside FedAvg: sum_i p_i x_i min(1, S/||x_i||), p_i = c_i / sum c."""
+    from aggregator.rules import norm_clip
+
+    x = np.array([[3.0, 4.0], [0.0, 1.0], [0.0, 30.0]])  # norms 5, 1, 30 -> median S = 5
+    out = norm_clip(x, sample_counts=[1, 2, 1])
+    # p = (1/4, 1/2, 1/4); the third is clipped to (0, 5):
+    # 0.25*(3,4) + 0.5*(0,1) + 0.25*(0,5) = (0.75, 1 + 0.5 + 1.25) = (0.75, 2.75)
+    np.testing.assert_allclose(out.vector, [0.75, 2.75])
+    assert out.info["clip_norm"] == 5.0 and out.info["n_clipped"] == 1
+    np.testing.assert_allclose(norm_clip(x).vector, norm_clip(x, sample_counts=[7, 7, 7]).vector)
+    for bad in ([1, 2], [0, 0, 0], [1, -1, 1], [1, np.nan, 1]):
+        with pytest.raises(PreconditionError):
+            norm_clip(x, sample_counts=bad)
