@@ -40,6 +40,7 @@ import redis.asyncio as aioredis
 from fedguard import registry
 from fedguard import sketch as sketch_codec
 from fedguard.settings import Settings
+from fedguard.weighting import admitted, sample_weights, weighted_mean
 from processors.detectors import DeviceHistory
 from processors.ensemble import EnsembleConfig, score_window
 from processors.reputation import Reputation, ReputationParams, expectation, maybe_release, observe
@@ -122,6 +123,18 @@ def load_reputation(state: str | None) -> Reputation:
         return Reputation()
 
 
+def global_update_sketch(sketches: np.ndarray, verdicts: list[str], weights: list[float], num_samples: list[float],
+                         cap: float | None) -> np.ndarray | None:
+    """The sketch of the global update a judged window makes (the next window's ``previous_global``): the mean of
+    the admitted members' sketches weighted as FedAvg weighs them (:mod:`fedguard.weighting`), float64 ``(k,)``,
+    or ``None`` when nothing was admitted. Pure; :mod:`fedguard.simulation` calls it too."""
+    keep = [i for i, (v, w) in enumerate(zip(verdicts, weights)) if admitted(v, w)]
+    if not keep:
+        return None
+    w = sample_weights([float(num_samples[i]) for i in keep], [float(weights[i]) for i in keep], cap)
+    return weighted_mean(np.asarray(sketches)[keep], w)
+
+
 @dataclass
 class Judged:
     """A judged window: each member's outcome (``scores``, ``flags``, ``verdict``, ``weight``, ``reasons``,
@@ -200,11 +213,9 @@ class WindowDefence:
                 plan["quarantine"].append([registry.device_key(s, device), registry.auth_key(s, device),
                                            f"reputation: trust {out['trust']:.3f} after window {window_id}"])
                 plan["sadd"].append([quarantined_key(s), device])
-        admitted = [(i, o["weight"] * min(float(m["num_samples"]), float(s.sample_count_cap)))
-                    for i, (m, o) in enumerate(zip(members, outcome)) if o["verdict"] != "reject"]
-        total = sum(w for _, w in admitted)
-        if total > 0:
-            mean = sum(w * sketches[i].astype(np.float64) for i, w in admitted) / total
+        mean = global_update_sketch(sketches, [o["verdict"] for o in outcome], [o["weight"] for o in outcome],
+                                    [m["num_samples"] for m in members], s.sample_count_cap)
+        if mean is not None:
             plan["set"].append([global_sketch_key(s), sketch_codec.encode(mean.astype(np.float32))])
         judged = Judged(members=[_clean(o) for o in outcome], stats=_clean(stats), events=_clean(events))
         text = json.dumps({"members": judged.members, "stats": judged.stats, "events": judged.events})
@@ -271,3 +282,55 @@ def _clean(obj: Any) -> Any:
         v = float(obj)
         return v if np.isfinite(v) else None
     return obj
+
+
+# -- operators ----------------------------------------------------------------------------------------------------
+
+def device_report(client, settings: Settings, device_id: str, last: int = 10) -> dict[str, Any]:
+    """What an operator needs to see why a device is trusted or not: registry entry, reputation, last windows."""
+    entry = registry.get_device(client, settings, device_id)
+    if entry is None:
+        raise KeyError(f"device {device_id!r} is not enrolled (fedguard devices list shows the fleet)")
+    rep_hash = client.hgetall(reputation_key(settings, device_id))
+    rep = load_reputation(rep_hash.get("state"))
+    history = [json.loads(item) for item in client.lrange(reputation_history_key(settings, device_id), 0, last - 1)]
+    return {"device_id": device_id, "status": entry.get("status"), "status_reason": entry.get("status_reason", ""),
+            "fingerprint": registry.fingerprint(entry["public_key"]) if entry.get("public_key") else None,
+            "trust": expectation(rep), "reputation": json.loads(rep.to_json()),
+            "auto_quarantined": bool(client.sismember(quarantined_key(settings), device_id)),
+            "history": history}
+
+
+def operator_quarantine(client, settings: Settings, device_id: str, reason: str) -> None:
+    """Quarantine by hand: the validator refuses the device's updates until an operator releases it (the probation
+    timer releases only devices that reputation quarantined)."""
+    entry = registry.get_device(client, settings, device_id)
+    if entry is None:
+        raise KeyError(f"device {device_id!r} is not enrolled")
+    if entry.get("status") == registry.REVOKED:
+        raise ValueError(f"device {device_id!r} is revoked; revocation is terminal")
+    registry.set_device_status(client, settings, device_id, registry.QUARANTINED, f"operator: {reason}".strip())
+    client.srem(quarantined_key(settings), device_id)
+    registry.audit(client, settings, "quarantine", device_id, reason)
+
+
+def operator_release(client, settings: Settings, device_id: str, params: ReputationParams | None = None) -> float:
+    """Release by hand: active again, on probation (evidence restarted as after an automatic release). Returns the
+    device's trust after release."""
+    params = params or ReputationParams(probation_s=settings.quarantine_probation_s)
+    entry = registry.get_device(client, settings, device_id)
+    if entry is None:
+        raise KeyError(f"device {device_id!r} is not enrolled")
+    if entry.get("status") != registry.QUARANTINED:
+        raise ValueError(f"device {device_id!r} is {entry.get('status')}, not quarantined")
+    rep = load_reputation(client.hget(reputation_key(settings, device_id), "state"))
+    quarantined = Reputation(**{**json.loads(rep.to_json()), "status": "quarantined",
+                                "quarantined_at": rep.quarantined_at or 0.0})
+    released, _ = maybe_release(quarantined, float("inf"), params)
+    trust = expectation(released)
+    client.hset(reputation_key(settings, device_id), mapping={"state": released.to_json(), "trust": repr(trust),
+                                                               "updated_at": repr(time.time())})
+    client.srem(quarantined_key(settings), device_id)
+    registry.set_device_status(client, settings, device_id, registry.ACTIVE, "operator: released")
+    registry.audit(client, settings, "release", device_id, f"trust {trust:.3f}, on probation")
+    return trust

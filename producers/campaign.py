@@ -86,8 +86,10 @@ def choose_devices(settings: Settings, fraction: float, client: redis.Redis) -> 
 
 
 def start(client: redis.Redis, settings: Settings, kind: str, fraction: float, params: dict[str, Any] | None = None,
-          start_version: int | None = None, rounds: int | None = None) -> Campaign:
-    """Compromise a fraction of the fleet from ``start_version`` (default: the next round) on; replaces any campaign."""
+          start_version: int | None = None, rounds: int | None = None,
+          devices: list[str] | None = None) -> Campaign:
+    """Compromise a fraction of the fleet (or exactly ``devices``) from ``start_version`` (default: the next round)
+    on; replaces any campaign."""
     from producers.attacks import validate_params
 
     params = validate_params(kind, params or {})
@@ -96,7 +98,13 @@ def start(client: redis.Redis, settings: Settings, kind: str, fraction: float, p
         start_version = int(current) + 1 if current is not None else 0
     if rounds is not None and rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
-    campaign = Campaign(kind=kind, params=params, fraction=fraction, devices=choose_devices(settings, fraction, client),
+    if devices:
+        unknown = sorted(set(devices) - set(device_ids(settings.num_devices)))
+        if unknown:
+            raise ValueError(f"not devices of this fleet: {', '.join(unknown)}")
+        fraction = len(set(devices)) / settings.num_devices
+    chosen = sorted(set(devices)) if devices else choose_devices(settings, fraction, client)
+    campaign = Campaign(kind=kind, params=params, fraction=fraction, devices=chosen,
                         start_version=int(start_version), rounds=rounds if rounds is not None else SINGLE_SHOT.get(kind))
     client.set(campaign_key(settings), campaign.to_json())
     return campaign

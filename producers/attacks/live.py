@@ -225,6 +225,15 @@ def _window_stuffing(r: _Round) -> Updates:
             for i in r.ctx.devices}
 
 
+def _at_norm(r: _Round, update: np.ndarray) -> np.ndarray:
+    """``norm`` = "median_honest" or a number: the update rescaled to it (an attacker hiding at the honest norm);
+    None: as the paper defines it."""
+    norm = r.p.get("norm")
+    if norm is None:
+        return update
+    return scale_to_norm(update, r.reference_norm() if norm == "median_honest" else norm)
+
+
 _CRAFT: dict[str, Callable[[_Round], Updates]] = {
     "model_replacement": _model_replacement,
     "constrain_and_scale": _constrain_and_scale,
@@ -233,7 +242,7 @@ _CRAFT: dict[str, Callable[[_Round], Updates]] = {
     "sign_flip": lambda r: r.each(lambda i: sign_flip(r.honest(i), r.p["scale"])),
     "gaussian": lambda r: r.each(lambda i: gaussian_update(r.base.shape[0], r.p["sigma"], r.ctx.rng)),
     "alie": _alie,
-    "ipm": lambda r: r.same(ipm(r.benign(), r.p["eps"])),
+    "ipm": lambda r: r.same(_at_norm(r, ipm(r.benign(), r.p["eps"]))),
     "min_max": lambda r: r.same(min_max(r.benign(), r.p["perturbation"], gamma_init=r.p["gamma_init"],
                                         tau=r.p["tau"])),
     "min_sum": lambda r: r.same(min_sum(r.benign(), r.p["perturbation"], gamma_init=r.p["gamma_init"],

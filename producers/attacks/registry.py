@@ -134,7 +134,7 @@ ATTACKS: dict[str, AttackSpec] = {s.name: s for s in (
           "Baruch et al., A Little Is Enough, NeurIPS 2019, Alg. 1", False, True,
           {"n": None, "f": None, "z": None, "omniscient": False}),
     _spec("ipm", "send -eps x the mean benign update", "Xie et al., Fall of Empires, UAI 2020", False, True,
-          {"eps": 100.0, "omniscient": False}),
+          {"eps": 100.0, "omniscient": False, "norm": None}),
     _spec("min_max", "mean - gamma p, gamma max s.t. max distance to a benign update <= max benign pairwise distance",
           _SHEJWALKAR + ", Alg. 1", False, True, dict(_GAMMA)),
     _spec("min_sum", "mean - gamma p, gamma max s.t. sum of squared distances <= the largest benign sum",

@@ -431,7 +431,7 @@ def test_registry_has_every_kind_with_valid_defaults():
 
 def test_validate_params_overrides_and_normalises():
     p = validate_params("ipm", {"eps": 1})
-    assert p == {"eps": 1.0, "omniscient": False} and isinstance(p["eps"], float)
+    assert p == {"eps": 1.0, "omniscient": False, "norm": None} and isinstance(p["eps"], float)
     assert validate_params("min_max", {"perturbation": "sign"})["perturbation"] == "sign"
     assert validate_params("constrain_and_scale", {"norm": 2})["norm"] == 2.0
     assert validate_params("label_flip", {"source": 6})["source"] == 6
@@ -612,3 +612,24 @@ def test_craft_round_rejects_bad_contexts_and_params(fleet):
         craft_round("label_flip", {"target": 10}, fleet["make"]([1]))
     with pytest.raises(ValueError):
         craft_round("badnets", {"target": 10}, fleet["make"]([1]))
+
+
+def test_ipm_at_the_honest_norm_points_along_minus_the_benign_mean_with_their_median_norm():
+    """``{"norm": "median_honest"}``: the IPM update rescaled to the median benign norm (the issue's case of an update
+    along -global that passes a magnitude check); direction unchanged."""
+    import producers.attacks.live as live
+
+    benign = np.array([[3.0, 4.0], [6.0, 8.0], [0.0, 2.0]])  # norms 5, 10, 2 -> median 5; mean (3, 14/3)
+
+    class R:
+        p = {"norm": "median_honest"}
+
+        def reference_norm(self):
+            return float(np.median(np.linalg.norm(benign, axis=1)))
+
+    out = live._at_norm(R(), -1.0 * benign.mean(axis=0))
+    assert np.linalg.norm(out) == pytest.approx(5.0)
+    mean = benign.mean(axis=0)
+    assert float(out @ mean) / (np.linalg.norm(out) * np.linalg.norm(mean)) == pytest.approx(-1.0)
+    R.p = {"norm": None}
+    np.testing.assert_array_equal(live._at_norm(R(), mean), mean)

@@ -1,0 +1,166 @@
+"""Defences against an enrolled attacker (issue 9), live on the real broker and Redis with the default configuration.
+
+Each test runs the embedded pipeline (processors with the detection ensemble and reputation, aggregator, fleet),
+lets it train a few clean rounds, then compromises chosen devices with `fedguard attack` (they keep their valid
+keys) and asserts what the model and the honest devices kept:
+
+* every version built from an attacked window is at most 2 percentage points below the version the honest members
+  of that window would have made alone (FedAvg of their real updates, read back from the valid topic): the
+  attacker's effect, separated from the round-to-round swing of a small non-IID fleet;
+* no honest member is rejected while the attack runs (at most one, the ensemble's base rate on clean traffic);
+* the attacker's influence is at most one member per window: one seat per device, and near-identical copies from
+  several devices are rejected together;
+* a repeat offender is quarantined: after at most 3 windows in which it was rejected (reputation strikes), and the
+  validator then refuses its updates with reason code `quarantined`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+import numpy as np
+
+from fedguard import records, registry
+from fedguard.modelstore import ModelStore
+from fedguard.stack import EmbeddedStack
+from fedguard.tasks import build_model, evaluate, load_task, model_spec, set_flat_params
+from producers import campaign
+from producers.inject import inject
+from tests.conftest import json_values, read_topic, wait_until
+
+pytestmark = pytest.mark.e2e
+
+WARM_UP = 3  # clean rounds before the attack
+ATTACKED = 8  # rounds under attack
+
+
+@dataclass
+class Run:
+    settings: object
+    versions: list[dict]
+    windows: list[dict]
+    malicious: set[str]
+    rejected: Counter
+    events: list[dict]
+    attackers: list[str]
+    status: dict[str, str]
+
+    def attacked_windows(self) -> list[dict]:
+        return [w for w in self.windows if any(m["update_id"] in self.malicious for m in w["members"])]
+
+    def members(self, bad: bool) -> list[dict]:
+        return [m for w in self.windows for m in w["members"] if (m["update_id"] in self.malicious) == bad]
+
+
+def run_attack(settings, kind: str, attackers: list[str], params: dict | None = None, flood: int = 0) -> Run:
+    settings = settings.with_overrides(num_devices=10, devices_per_round=5, window_size=5, window_deadline_s=6.0,
+                                       round_timeout_s=15.0)
+    assert settings.detection == "ensemble"  # the default configuration is what is tested
+    store = ModelStore(settings.models_dir)
+    client = registry.connect(settings)
+    with EmbeddedStack(settings, own_broker=False, own_redis=False) as stack:
+        def version() -> int:
+            assert stack.check_alive() == [], f"{stack.check_alive()} died; logs in {stack.log_dir}"
+            return store.versions()[-1] if store.versions() else -1
+
+        wait_until(lambda: version() >= WARM_UP, 180, what=f"{WARM_UP} clean versions")
+        started = campaign.start(client, settings, kind, 0.0, params=params, devices=attackers)
+        if flood:
+            assert inject(settings, "flood", flood, device_id=attackers[0]) == flood
+        wait_until(lambda: version() >= started.start_version + ATTACKED, 300, what=f"{ATTACKED} attacked rounds")
+        versions = [store.meta(v) for v in store.versions()]
+    ledger = campaign.ledger(client, settings)
+    return Run(settings=settings, versions=versions, windows=json_values(read_topic(settings, settings.topics.windows)),
+               malicious={e["update_id"] for e in ledger},
+               rejected=Counter(r["reason"] for r in json_values(read_topic(settings, settings.topics.rejected))),
+               events=json_values(read_topic(settings, settings.topics.events)), attackers=attackers,
+               status={d: registry.get_device(client, settings, d)["status"] for d in attackers})
+
+
+def honest_only_accuracy(run: Run, window: dict, parent: int) -> float:
+    """Accuracy of FedAvg (capped sample counts) over the window's honest members alone, from the parent version."""
+    settings = run.settings
+    honest = [m for m in window["members"] if m["update_id"] not in run.malicious]
+    wanted = {(m["valid"]["partition"], m["valid"]["offset"]) for m in honest}
+    deltas = {}
+    for message in read_topic(settings, settings.topics.valid, idle_s=1.0):
+        if (message.partition, message.offset) in wanted:
+            deltas[(message.partition, message.offset)] = records.decode_valid(message.value, 10**7)[1]
+    weights = np.array([min(m["num_samples"], settings.sample_count_cap) for m in honest], dtype=np.float64)
+    stacked = np.stack([deltas[(m["valid"]["partition"], m["valid"]["offset"])] for m in honest]).astype(np.float64)
+    params = ModelStore(settings.models_dir).load(parent).params + weights @ stacked / weights.sum()
+    task = load_task(settings.task, seed=settings.seed)
+    model = build_model(model_spec(task))
+    set_flat_params(model, params.astype(np.float32))
+    return evaluate(model, task.x_test, task.y_test)[0]
+
+
+def assert_model_and_honest_kept(run: Run) -> None:
+    attacked = run.attacked_windows()
+    assert attacked, "no window had an attacker in it"
+    for w in attacked:
+        made = next((v for v in run.versions if v.get("window_id") == w["window_id"]), None)
+        if made is None:
+            continue  # the last window, still in flight when the stack stopped
+        honest = honest_only_accuracy(run, w, made["parent"])
+        assert made["metrics"]["accuracy"] >= honest - 0.02, (w["window_id"], made["metrics"], honest,
+                                                               [(m["verdict"], m["flags"]) for m in w["members"]])
+    honest_rejected = [m for m in run.members(bad=False) if m["verdict"] == "reject"]
+    assert len(honest_rejected) <= 1, honest_rejected
+    for w in run.windows:  # one seat per device, always
+        assert len({m["device_id"] for m in w["members"]}) == len(w["members"])
+
+
+def assert_quarantined(run: Run) -> None:
+    """Each attacker rejected in 3 windows is quarantined, and the validator refuses it afterwards."""
+    for device in run.attackers:
+        rejected_windows = [w for w in run.windows for m in w["members"]
+                            if m["device_id"] == device and m["verdict"] == "reject"]
+        if len(rejected_windows) >= 3:
+            assert run.status[device] == registry.QUARANTINED, (device, run.status)
+            quarantine = [e for e in run.events if e["type"] == "quarantined" and e["device_id"] == device]
+            assert quarantine and quarantine[0]["window_id"] in {w["window_id"] for w in rejected_windows[:3]}
+    assert any(s == registry.QUARANTINED for s in run.status.values()), run.status
+    # After its quarantine a device holds no seat in any later window (the validator refuses it, the fleet stops
+    # sampling it).
+    for event in (e for e in run.events if e["type"] == "quarantined"):
+        at = int(event["window_id"].rsplit(":", 1)[1])
+        later = [w["window_id"] for w in run.windows if w["base_version"] > at
+                 and any(m["device_id"] == event["device_id"] for m in w["members"])]
+        assert not later, (event["device_id"], later)
+
+
+def test_sybils_sending_identical_model_replacement_updates_are_rejected_and_quarantined(settings):
+    run = run_attack(settings, "sybil", ["dev-0001", "dev-0004", "dev-0007", "dev-0008"])
+    assert_model_and_honest_kept(run)
+    # Two or more copies in a window are a Sybil group: all rejected. A lone copy holds one seat at most, and the
+    # default rule clips it to the window's median norm: at most one member's influence per window.
+    for w in run.attacked_windows():
+        bad = [m for m in w["members"] if m["update_id"] in run.malicious]
+        admitted = [m for m in bad if m["verdict"] != "reject"]
+        if len(bad) >= 2:
+            assert not admitted, [(m["verdict"], m["flags"]) for m in bad]
+        assert len(admitted) <= 1
+    # Not asserted: the backdoor. Lone copies that slip through before FoolsGold has two rounds of history add up
+    # over rounds (measured here: up to 61% on this 10-device synthetic fleet); per-window defences cannot stop that
+    # accumulation (../shared/THREATS.md), the model audit of issue 14 is meant to.
+    assert_quarantined(run)
+
+
+def test_one_device_stuffing_windows_and_flooding_holds_one_seat(settings):
+    run = run_attack(settings, "window_stuffing", ["dev-0003"], params={"count": 10}, flood=100)
+    assert_model_and_honest_kept(run)
+    assert run.rejected["window_duplicate"] > 0  # the stuffed copies and the flood, refused at admission
+    for w in run.windows:
+        assert sum(m["device_id"] == "dev-0003" for m in w["members"]) <= 1
+
+
+def test_updates_along_minus_the_global_update_at_the_honest_norm_are_not_admitted(settings):
+    attackers = ["dev-0002", "dev-0005", "dev-0009"]
+    run = run_attack(settings, "ipm", attackers, params={"eps": 1.0, "norm": "median_honest", "omniscient": True})
+    assert_model_and_honest_kept(run)
+    bad = run.members(bad=True)
+    assert bad and all(m["verdict"] != "accept" for m in bad), [(m["verdict"], m["flags"]) for m in bad]
