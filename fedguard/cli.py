@@ -108,7 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedguard.demo import AttackPlan, run_demo
 
     attack = None
-    if args.attack:
+    if args.attack and args.attack != "none":
         try:
             params = json.loads(args.attack_params) if args.attack_params else {}
         except json.JSONDecodeError as exc:
@@ -475,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="keep earlier model versions instead of starting fresh")
     from producers.attacks import ATTACKS
 
-    p.add_argument("--attack", choices=tuple(ATTACKS), help="run an insider poisoning campaign during the demo")
+    p.add_argument("--attack", choices=(*ATTACKS, "none"), help="run an insider poisoning campaign during the demo "
+                   "('none': no attack)")
     p.add_argument("--fraction", type=float, default=0.2, help="share of the fleet compromised (default 0.2)")
     p.add_argument("--attack-start", type=int, default=5, help="first attacked round (default 5)")
     p.add_argument("--attack-rounds", type=int, help="rounds in which the attack fires (default: every round; "

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job: installs what is needed, then runs the embedded stack (Tansu broker, Redis, Faust processors,
-# aggregator, 100 devices) for 30 rounds of Fashion-MNIST and writes fedguard-demo.png. Extra flags go to
-# `fedguard demo` (e.g. --rounds 10, --task digits).
+# The main job: installs what is needed, then runs the embedded stack (Tansu broker, Redis, Faust processors with
+# the detection ensemble and reputation, aggregator, 100 devices) for 30 rounds of Fashion-MNIST while 20% of the
+# enrolled devices are compromised from round 5 on and send identical model-replacement updates (a Sybil backdoor
+# campaign), and writes fedguard-demo.png (main and backdoor accuracy per round). Extra flags go to `fedguard demo`
+# and override these (e.g. --attack none, --attack constrain_and_scale, --rounds 10, --task digits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
-exec "${PYTHON:-python3}" -m fedguard.cli demo "$@"
+exec "${PYTHON:-python3}" -m fedguard.cli demo --attack sybil --fraction 0.2 "$@"
