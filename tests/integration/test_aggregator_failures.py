@@ -108,6 +108,7 @@ class Running:
 
 def test_unreadable_windows_fail_and_the_service_applies_the_next_one(settings, caplog):
     caplog.set_level(logging.WARNING, logger="fedguard.aggregator")
+    settings = settings.with_overrides(rule="fedavg")  # the expected versions below are plain means
     create_topics(settings)
     before = failed_count()
     with Running(settings) as running:
@@ -154,6 +155,7 @@ def test_unreadable_windows_fail_and_the_service_applies_the_next_one(settings, 
 
 def test_a_record_that_appears_during_the_backoff_is_read_on_retry(settings, caplog):
     caplog.set_level(logging.WARNING, logger="fedguard.aggregator")
+    settings = settings.with_overrides(rule="fedavg")  # the expected version below is a plain mean
     create_topics(settings)
     before = failed_count()
     with Running(settings, attempts=5, backoff_s=0.5) as running:
