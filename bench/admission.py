@@ -1,6 +1,6 @@
 """Server time of the admission script per record (issue 3, item 7: where the validator's Redis cost goes).
 
-Runs ``fedguard.registry.ADMIT_LUA`` on a real ``redis-server`` (started on a free loopback port, stopped at the end)
+Runs ``processors.admission.ADMIT_LUA`` on a real ``redis-server`` (started on a free loopback port, stopped at the end)
 for calls of ``--records`` records from as many different devices, every record accepted, and reports Redis' own
 time for the script (``INFO commandstats``, so no client or network time) per record, together with the same script
 cut short after each of its stages: parsing the records, the two ``MGET`` reads, decoding the devices' state, the
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedguard import registry  # noqa: E402
 from fedguard.settings import Settings  # noqa: E402
 from fedguard.stack import temporary_redis  # noqa: E402
+from processors import admission  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
 
 # (label, the first line of ADMIT_LUA that the cut-short script no longer runs)
@@ -35,8 +36,8 @@ STAGES = [("parse the records", "-- the devices:"), ("+ MGET registry entries an
 
 def cut_after(stage_end: str | None) -> str:
     if stage_end is None:
-        return registry.ADMIT_LUA
-    return registry.ADMIT_LUA[:registry.ADMIT_LUA.index(stage_end)] + "return ''\n"
+        return admission.ADMIT_LUA
+    return admission.ADMIT_LUA[:admission.ADMIT_LUA.index(stage_end)] + "return ''\n"
 
 
 def measure(client: redis.Redis, settings: Settings, records: int, calls: int, repeat: int) -> list[tuple[str, float]]:
@@ -52,10 +53,10 @@ def measure(client: redis.Redis, settings: Settings, records: int, calls: int, r
             client.config_resetstat()
             for _ in range(calls):
                 seq += 1
-                lines = [registry.admission_record(f"dev-{i:05d}", public_hex, seq, f"u{seq}x{i}@0:{seq}", None, 0)
+                lines = [admission.admission_record(f"dev-{i:05d}", public_hex, seq, f"u{seq}x{i}@0:{seq}", None, 0)
                          for i in range(records)]
-                reply = script(args=registry.admit_args(settings, lines))
-                if label.startswith("+ MSET") and set(reply.split("\n")) != {"ok 0 -"}:
+                reply = script(args=admission.admit_args(settings, lines))
+                if label.startswith("+ MSET") and set(admission.reply_lines(reply)) != {admission.ACCEPTED}:
                     raise RuntimeError(f"records not accepted: {reply[:200]}")
             stats = client.info("commandstats")["cmdstat_evalsha"]
             results[label].append(stats["usec"] / stats["calls"] / records)

@@ -52,6 +52,7 @@ from fedguard.envelope import UpdateHeader  # noqa: E402
 from fedguard.keys import public_to_hex  # noqa: E402
 from fedguard.settings import Settings  # noqa: E402
 from fedguard.stack import redis_binary, temporary_redis  # noqa: E402
+from processors import admission  # noqa: E402
 from processors.allocator import keep_freed_memory  # noqa: E402
 from processors.validation import ValidUpdate, Validator, byte_bounded  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
@@ -88,7 +89,7 @@ def floor_pass(records, aeads: dict[bytes, ChaCha20Poly1305], size: int) -> None
 
 
 class AcceptAll:
-    """Diagnostic stand-in for the Redis admission (the interface of ``processors.validation.AdmissionChannel``):
+    """Diagnostic stand-in for the Redis admission (the interface of ``processors.admission.AdmissionChannel``):
     answers "ok" for every record without Redis. Not a validator: the column it feeds shows what the local work
     alone costs (parse, AEAD, checks, bookkeeping), so the table says how much of the rest is Redis."""
 
@@ -96,10 +97,10 @@ class AcceptAll:
         self._count = 0
 
     async def send(self, args: list) -> None:
-        self._count = args[-1].count("\0") // 6  # six NUL-ended fields per record
+        self._count = admission.record_count(args)
 
     async def receive(self) -> str:
-        return "\n".join(["ok 0 -"] * self._count)
+        return "\n".join([admission.ACCEPTED] * self._count)
 
     async def abandon(self) -> None:
         pass

@@ -15,6 +15,13 @@ Two agents, each a short ``async for``:
   Closed windows go to ``fl.windows``; flags, quarantines and releases to ``fl.events``. A timer releases devices
   whose quarantine probation is over.
 
+Each agent only moves records between its stream, its table and the steps below, which can be run and tested alone
+(tests/unit/test_app_steps.py): the records the validation stage writes (:func:`dead_letter_record`,
+:func:`valid_meta`, :func:`index_record`, :func:`security_event_record`, pure), the routing of a validated batch
+(:func:`route_validated`, to any topics with Faust's ``send``), and the window stage's steps (:class:`WindowStage`:
+seat a member, close a window, close the windows past their deadline, release devices), which take a model's window
+state from the table and return the new one.
+
 Delivery is at-least-once (the embedded broker cannot run Faust's exactly-once, see BROKER.md): every output carries
 the raw record's position and update id so a consumer can tell a re-delivery from a new record.
 """
@@ -24,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import faust
 import redis.asyncio as aioredis
@@ -37,7 +46,7 @@ from fedguard.reasons import Reason, RejectError
 from fedguard.settings import Settings
 from fedguard.sketch import SketchSpec, sketch
 from fedguard.tasks import load_task, model_spec
-from processors.validation import CHECKS, Validator, byte_bounded
+from processors.validation import CHECKS, ValidUpdate, Validator, byte_bounded
 from processors import windows as W
 from processors.defence import WindowDefence, quarantined_key
 from processors.ensemble import DETECTORS
@@ -98,6 +107,176 @@ def observe_window(record: dict) -> None:
             MEMBER_TRUST.observe(member["trust"])
 
 
+# -- the validation stage's steps --------------------------------------------------------------------------------------
+def raw_position(event) -> dict:
+    """Where a record sits on the raw topic: every output names it, so a consumer can tell a re-delivery."""
+    return {"partition": event.message.partition, "offset": event.message.offset}
+
+
+def dead_letter_record(err: RejectError, position: dict, raw: bytes | None, now: float) -> dict:
+    """The ``fl.updates.rejected`` record of a raw record rejected with ``err``; the device id is the authenticated
+    one if there is one, else the one the record claims (for operators, not for trust)."""
+    return {"raw": position, "device_id": err.device_id or _claimed_device(raw), "authenticated": err.authenticated,
+            "reason": err.reason.value, "detail": err.detail, "rejected_at": now}
+
+
+def security_event_record(event: dict, position: dict) -> dict:
+    """The ``fl.events`` record of a security event the validator raised on the raw record at ``position``."""
+    return {**event, "raw": position}
+
+
+def valid_meta(update: ValidUpdate, position: dict) -> dict:
+    """The metadata of the ``fl.updates.valid`` record of ``update`` (the tensor travels beside it)."""
+    h = update.header
+    return {"update_id": h.update_id, "device_id": h.device_id, "model_id": h.model_id,
+            "base_version": h.base_version, "seq": h.seq, "num_samples": h.num_samples,
+            "timestamp": h.timestamp, "norm": update.norm, "raw": position, "checks": list(CHECKS)}
+
+
+def index_record(update: ValidUpdate, position: dict, valid: dict, sketch_spec: SketchSpec) -> dict:
+    """The ``fl.updates.valid.index`` record of ``update``, once the broker holds it at ``valid`` (``partition`` and
+    ``offset`` on the valid topic): what the window stage needs, with the update's secret sketch."""
+    h = update.header
+    return {"update_id": h.update_id, "device_id": h.device_id, "base_version": h.base_version,
+            "num_samples": h.num_samples, "norm": update.norm, "raw": position,
+            "sketch": sketch_codec.encode(sketch(update.tensor, sketch_spec)), "valid": valid}
+
+
+@dataclass(frozen=True)
+class ValidationOutputs:
+    """Where the validation stage writes: topics (anything with Faust's ``async send(key=, value=, force=)``, whose
+    result awaits the broker's acknowledgement) and the sketch the index carries."""
+
+    valid: Any
+    rejected: Any
+    index: Any
+    events: Any
+    sketch_spec: SketchSpec
+
+
+async def dead_letter(out: ValidationOutputs, event, err: RejectError) -> None:
+    """Send a rejected record to ``fl.updates.rejected``, and its security event, if any, to ``fl.events``."""
+    position = raw_position(event)
+    REJECTED.labels(err.reason.value).inc()
+    await out.rejected.send(key=event.key, value=records.dumps(dead_letter_record(err, position, event.value,
+                                                                                  time.time())), force=True)
+    if err.event is not None:  # bounded in Redis: at most one per device (or globally) per interval
+        SECURITY_EVENTS.labels(err.event["type"]).inc()
+        await out.events.send(key=(err.device_id or "").encode(),
+                              value=records.dumps(security_event_record(err.event, position)), force=True)
+
+
+async def route_validated(out: ValidationOutputs, events: list, outcomes: list) -> None:
+    """Send every record of a validated batch to exactly one of ``fl.updates.valid`` and ``fl.updates.rejected``,
+    in order; then index the valid ones, each only once the broker has acknowledged it on the valid topic."""
+    accepted = []
+    for event, outcome in zip(events, outcomes):
+        if isinstance(outcome, RejectError):
+            await dead_letter(out, event, outcome)
+            continue
+        position = raw_position(event)
+        accepted.append((outcome, position, await out.valid.send(
+            key=outcome.header.device_id.encode(), value=records.encode_valid(valid_meta(outcome, position),
+                                                                              outcome.tensor), force=True)))
+    for outcome, position, pending in accepted:
+        sent = await pending
+        await out.index.send(key=outcome.header.model_id.encode(), value=records.dumps(index_record(
+            outcome, position, {"partition": sent.partition, "offset": sent.offset}, out.sketch_spec)), force=True)
+        VALID.inc()
+
+
+async def validate_and_route(validator: Validator, out: ValidationOutputs, events: list) -> None:
+    """Validate a batch of raw events (:meth:`Validator.validate_batch`), route the outcomes, and count them."""
+    RECEIVED.inc(len(events))
+    started = time.perf_counter()
+    outcomes = await validator.validate_batch(
+        [(e.value, e.key, f"{e.message.partition}:{e.message.offset}") for e in events])
+    await route_validated(out, events, outcomes)
+    elapsed = (time.perf_counter() - started) / len(events)
+    for event in events:
+        VALIDATE_SECONDS.observe(elapsed)
+        RAW_OFFSET.labels(str(event.message.partition)).set(event.message.offset)
+
+
+def make_validator(settings: Settings, num_params: int) -> Validator:
+    """The worker's validator: the server key (made on first use) and a Redis client on the worker's loop."""
+    server_key = load_or_create_server_key(settings.server_key_path)
+    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    return Validator(settings, server_key, num_params, client)
+
+
+# -- the window stage's steps -----------------------------------------------------------------------------------------
+class WindowStage:
+    """The window stage's steps on the state of one model id's windows (:mod:`processors.windows`), which lives in
+    the ``windows`` table: each step takes the state and returns the new one for the caller to store. The agent and
+    the deadline timer both close windows: they hold :attr:`closing` while they do, so one closes at a time."""
+
+    def __init__(self, settings: Settings, windows_topic, events_topic) -> None:
+        self.settings = settings
+        self.windows_topic = windows_topic
+        self.events_topic = events_topic
+        self.closing = asyncio.Lock()
+        self._defence: WindowDefence | None = None
+
+    def defence(self) -> WindowDefence:
+        """Detection and reputation (made on the worker's event loop, at first use: its Redis client is bound to it)."""
+        if self._defence is None:
+            self._defence = WindowDefence(self.settings, aioredis.Redis.from_url(self.settings.redis_url,
+                                                                                 decode_responses=True))
+        return self._defence
+
+    async def seat(self, model_id: str, window_state: W.State, entry: dict, now: float) -> W.State:
+        """Seat a valid update's index ``entry`` in its window (at most one per device); a window it fills closes."""
+        window_state, outcome = W.add_member(window_state, entry, now, self.settings.window_size)
+        if outcome == "late":
+            LATE_UPDATES.inc()
+        elif outcome == "device_duplicate":
+            DEVICE_DUPLICATES.inc()
+        elif outcome == "full":
+            window_state = await self.close(model_id, window_state, int(entry["base_version"]))
+        OPEN_WINDOWS.set(len(window_state["open"]))
+        return window_state
+
+    async def close_due(self, model_id: str, window_state: W.State, now: float) -> tuple[W.State, bool]:
+        """Close the windows whose deadline has passed; returns the state and whether any closed."""
+        s = self.settings
+        due = W.due_windows(window_state, now, s.window_size, s.window_deadline_s)
+        for base_version in due:
+            window_state = await self.close(model_id, window_state, base_version)
+        if due:
+            OPEN_WINDOWS.set(len(window_state["open"]))
+        return window_state, bool(due)
+
+    async def close(self, model_id: str, window_state: W.State, base_version: int) -> W.State:
+        """Close the window of ``base_version``: judge its members, publish it on ``fl.windows`` and its events."""
+        window_state, window = W.take_window(window_state, base_version)
+        window_id = f"{model_id}:{base_version}"
+        started = time.perf_counter()
+        judged = await self.defence().judge(window_id, window["members"])
+        record = W.window_record(window, judged.members, judged.stats, model_id=model_id, base_version=base_version,
+                                 now=time.time(), size=self.settings.window_size)
+        await self.windows_topic.send(key=model_id.encode(), value=records.dumps(record), force=True)
+        WINDOW_SECONDS.observe(time.perf_counter() - started)
+        if not judged.replayed:  # a window judged before a crash was counted then
+            await self.publish_events(judged.events)
+            observe_window(record)
+        log.info("closed window %s with %d members (%s): %d rejected, %d down-weighted%s", window_id,
+                 len(record["members"]), record["closed_by"], record["detector"]["rejected"],
+                 record["detector"]["downweighted"], " (judged before a restart)" if judged.replayed else "")
+        return window_state
+
+    async def publish_events(self, events: list[dict]) -> None:
+        for event in events:
+            SECURITY_EVENTS.labels(event["type"]).inc()
+            await self.events_topic.send(key=event["device_id"].encode(), value=records.dumps(event), force=True)
+
+    async def release_due(self) -> None:
+        """Release the devices whose quarantine probation is over, and publish it."""
+        await self.publish_events(await self.defence().release_due())
+        QUARANTINED.set(await self.defence().redis.scard(quarantined_key(self.settings)))
+
+
+# -- the app ----------------------------------------------------------------------------------------------------------
 def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
     spec = model_spec(load_task(settings.task, seed=settings.seed))  # the task actually available
     # The secret sketch the window stage detects on (fedguard/sketch.py): one seed per deployment, in Redis.
@@ -125,130 +304,37 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
         app.topic(name, key_serializer="raw", value_serializer="raw")
         for name in (t.raw, t.valid, t.rejected, t.valid_index, t.windows, t.events))
     window_table = app.Table("windows", default=None, use_partitioner=True, partitions=settings.partitions)
-
-    async def make_validator() -> Validator:
-        server_key = load_or_create_server_key(settings.server_key_path)
-        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
-        return Validator(settings, server_key, spec.num_params, client)
-
-    async def reject(event, err: RejectError) -> None:
-        msg = event.message
-        position = {"partition": msg.partition, "offset": msg.offset}
-        REJECTED.labels(err.reason.value).inc()
-        await rejected_topic.send(key=event.key, value=records.dumps({
-            "raw": position, "device_id": err.device_id or _claimed_device(event.value),
-            "authenticated": err.authenticated, "reason": err.reason.value, "detail": err.detail,
-            "rejected_at": time.time()}), force=True)
-        if err.event is not None:  # bounded in Redis: at most one per device (or globally) per interval
-            SECURITY_EVENTS.labels(err.event["type"]).inc()
-            await events_topic.send(key=(err.device_id or "").encode(),
-                                    value=records.dumps({**err.event, "raw": position}), force=True)
+    outputs = ValidationOutputs(valid_topic, rejected_topic, index_topic, events_topic, sketch_spec)
+    stage = WindowStage(settings, windows_topic, events_topic)
 
     @app.agent(raw_topic)
     async def validate(stream):
-        validator = await make_validator()
+        validator = make_validator(settings, spec.num_params)
         async for batch in stream.take_events(settings.validate_batch_size, within=settings.validate_batch_within_s):
             for events in byte_bounded(batch, settings.validate_batch_max_bytes, lambda e: len(e.value or b"")):
-                await validate_and_route(validator, events)
-
-    async def validate_and_route(validator: Validator, events: list) -> None:
-        RECEIVED.inc(len(events))
-        started = time.perf_counter()
-        outcomes = await validator.validate_batch(
-            [(e.value, e.key, f"{e.message.partition}:{e.message.offset}") for e in events])
-        accepted = []
-        for event, outcome in zip(events, outcomes):
-            if isinstance(outcome, RejectError):
-                await reject(event, outcome)
-                continue
-            h = outcome.header
-            position = {"partition": event.message.partition, "offset": event.message.offset}
-            meta = {"update_id": h.update_id, "device_id": h.device_id, "model_id": h.model_id,
-                    "base_version": h.base_version, "seq": h.seq, "num_samples": h.num_samples,
-                    "timestamp": h.timestamp, "norm": outcome.norm, "raw": position, "checks": list(CHECKS)}
-            accepted.append((outcome, position, await valid_topic.send(
-                key=h.device_id.encode(), value=records.encode_valid(meta, outcome.tensor), force=True)))
-        # The index only names records the broker has acknowledged on the valid topic.
-        for outcome, position, pending in accepted:
-            sent = await pending
-            h = outcome.header
-            await index_topic.send(key=h.model_id.encode(), value=records.dumps({
-                "update_id": h.update_id, "device_id": h.device_id, "base_version": h.base_version,
-                "num_samples": h.num_samples, "norm": outcome.norm, "raw": position,
-                "sketch": sketch_codec.encode(sketch(outcome.tensor, sketch_spec)),
-                "valid": {"partition": sent.partition, "offset": sent.offset}}), force=True)
-            VALID.inc()
-        elapsed = (time.perf_counter() - started) / len(events)
-        for event in events:
-            VALIDATE_SECONDS.observe(elapsed)
-            RAW_OFFSET.labels(str(event.message.partition)).set(event.message.offset)
-
-    defence: dict[str, WindowDefence] = {}  # made on the worker's event loop, at first use
-    closing = asyncio.Lock()  # the agent and the deadline timer both close windows: one at a time
-
-    def window_defence() -> WindowDefence:
-        if "d" not in defence:
-            defence["d"] = WindowDefence(settings, aioredis.Redis.from_url(settings.redis_url, decode_responses=True))
-        return defence["d"]
-
-    async def close(model_id: str, window_state: W.State, base_version: int) -> W.State:
-        window_state, window = W.take_window(window_state, base_version)
-        window_id = f"{model_id}:{base_version}"
-        started = time.perf_counter()
-        judged = await window_defence().judge(window_id, window["members"])
-        record = W.window_record(window, judged.members, judged.stats, model_id=model_id, base_version=base_version,
-                                 now=time.time(), size=settings.window_size)
-        await windows_topic.send(key=model_id.encode(), value=records.dumps(record), force=True)
-        WINDOW_SECONDS.observe(time.perf_counter() - started)
-        if not judged.replayed:  # a window judged before a crash was counted then
-            await publish_events(judged.events)
-            observe_window(record)
-        log.info("closed window %s with %d members (%s): %d rejected, %d down-weighted%s", window_id,
-                 len(record["members"]), record["closed_by"], record["detector"]["rejected"],
-                 record["detector"]["downweighted"], " (judged before a restart)" if judged.replayed else "")
-        return window_state
-
-    async def publish_events(events: list[dict]) -> None:
-        for event in events:
-            SECURITY_EVENTS.labels(event["type"]).inc()
-            await events_topic.send(key=event["device_id"].encode(), value=records.dumps(event), force=True)
+                await validate_and_route(validator, outputs, events)
 
     @app.agent(index_topic)
     async def collect(stream):
         async for event in stream.events():
-            entry = records.loads(event.value)
-            model_id = event.key.decode()
-            async with closing:
+            entry, model_id = records.loads(event.value), event.key.decode()
+            async with stage.closing:
                 window_state = window_table.get(model_id) or W.empty_state()
-                window_state, outcome = W.add_member(window_state, entry, time.time(), settings.window_size)
-                if outcome == "late":
-                    LATE_UPDATES.inc()
-                elif outcome == "device_duplicate":
-                    DEVICE_DUPLICATES.inc()
-                elif outcome == "full":
-                    window_state = await close(model_id, window_state, int(entry["base_version"]))
-                window_table[model_id] = window_state
-                OPEN_WINDOWS.set(len(window_state["open"]))
+                window_table[model_id] = await stage.seat(model_id, window_state, entry, time.time())
 
     @app.timer(interval=0.5)
     async def close_on_deadline() -> None:
-        async with closing:
+        async with stage.closing:
             now = time.time()
             for model_id, window_state in list(window_table.items()):
-                if not window_state:
-                    continue
-                due = W.due_windows(window_state, now, settings.window_size, settings.window_deadline_s)
-                for base_version in due:
-                    window_state = await close(model_id, window_state, base_version)
-                if due:
-                    window_table[model_id] = window_state
-                    OPEN_WINDOWS.set(len(window_state["open"]))
+                if window_state:
+                    window_state, closed = await stage.close_due(model_id, window_state, now)
+                    if closed:
+                        window_table[model_id] = window_state
 
     @app.timer(interval=5.0)
     async def release_after_probation() -> None:
-        events = await window_defence().release_due()
-        await publish_events(events)
-        QUARANTINED.set(await window_defence().redis.scard(quarantined_key(settings)))
+        await stage.release_due()
 
     return app
 

@@ -8,8 +8,8 @@ Every byte of a raw record is attacker-controlled. A batch of records is validat
    cached key, which may have been rotated) costs one pipelined Redis read for the whole batch.
 2. **Local, after authentication**: the record key must name the authenticated device; then the content checks of
    :func:`check_content` (clock skew, sample count, codec, tensor, dtype, shape, finiteness, norm).
-3. **Admission in Redis**, one Lua call per part of the batch (:data:`fedguard.registry.ADMIT_LUA`,
-   :func:`admission_split`): the key used must still be the device's and the device active (revoked /
+3. **Admission in Redis**, one Lua call per part of the batch (:mod:`processors.admission`, which owns the
+   protocol; :func:`admission_split`): the key used must still be the device's and the device active (revoked /
    quarantined), the sequence number fresh (replay), one token from the device's and the global bucket
    (rate_limited / ingress_limited), then the first local failure if any, the base version (future_version /
    stale), one update per device per base version (window_duplicate), and the sequence number advances. Atomic
@@ -26,7 +26,6 @@ element counts against the bytes present and the model size first; the norm need
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import time
@@ -36,10 +35,6 @@ from typing import NamedTuple
 import numpy as np
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import (ClusterDownError, MasterDownError, NoScriptError, OutOfMemoryError, ReadOnlyError,
-                              ResponseError, TryAgainError)
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fedguard import envelope, registry
 from fedguard.codec import CODEC_NAME, decode_tensor, exact_float32_vector, max_encoded_bytes
@@ -47,6 +42,8 @@ from fedguard.envelope import SealedEnvelope, UpdateHeader
 from fedguard.keys import public_from_hex
 from fedguard.reasons import Reason, RejectError
 from fedguard.settings import Settings
+from processors import admission
+from processors.admission import AdmissionChannel, Outage, redis_outage
 
 log = logging.getLogger("fedguard.validation")
 
@@ -60,74 +57,7 @@ NORM_CHUNK = 1 << 16  # elements per float32 dot product; partial sums are added
 # covers Redis' time for the part before, and the last part, whose Redis time nothing hides, is small.
 SPLIT_AT = (0.5, 0.875)
 MIN_SPLIT = 16  # smaller batches go in one call
-ACCEPTED = "ok 0 -"  # the admission script's line for an accepted record
-# Redis outages (a stall, a restart, a full disk or memory): the Redis call is retried, forever, after a back-off that
-# doubles from the first value up to the cap; the batch waits, so validation pauses and no record is dead-lettered
-# for it. internal_error is left for bugs. One warning when an outage starts, then at most one per REDIS_LOG_EVERY_S
-# (per process), and one when Redis answers again.
-REDIS_BACKOFF = (0.2, 5.0)  # seconds: first back-off, cap
-REDIS_LOG_EVERY_S = 5.0
-# The admission call's reply is awaited on its connection (a stalled Redis answers when it resumes: the call runs
-# once); after this long without a reply the connection is dropped and the call sent again on a new one.
-REDIS_RESEND_AFTER_S = 60.0
-REDIS_READ_SLICE_S = 5.0  # the admission reply is read in slices of this long (logging a stall between them)
-_OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, TryAgainError,
-                  MasterDownError, ClusterDownError)  # ConnectionError covers LOADING (BusyLoadingError)
-_OUTAGE_REPLIES = ("BUSY", "MISCONF", "NOREPLICAS")  # error replies redis-py has no class for
 MAX_CACHED_KEYS = 100_000
-
-
-def redis_outage(exc: BaseException) -> bool:
-    """Whether ``exc`` says Redis is unreachable or cannot serve right now (worth waiting for), not a bug."""
-    if isinstance(exc, _OUTAGE_ERRORS):
-        return True
-    return isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in _OUTAGE_REPLIES
-
-
-class _Outage:
-    """The retries of one Redis call: the back-off step, and warnings limited to one per ``REDIS_LOG_EVERY_S``
-    across the process (every call waiting on the same outage would otherwise log its own)."""
-
-    _last_logged = -math.inf  # monotonic time of the last warning, process-wide
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.retries = 0
-        self.since: float | None = None
-
-    def delay(self) -> float:
-        first, cap = REDIS_BACKOFF
-        return min(cap, first * 2 ** min(self.retries, 30))
-
-    async def wait(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        delay = self.delay()
-        if self.since is None:
-            self.since = now
-            log.warning("Redis unavailable for the %s (%r): validation paused, retrying until it answers",
-                        self.what, exc)
-            _Outage._last_logged = now
-        elif now - _Outage._last_logged >= REDIS_LOG_EVERY_S:
-            log.warning("Redis still unavailable for the %s after %.0fs and %d retries (%r); next retry in %.1fs",
-                        self.what, now - self.since, self.retries, exc, delay)
-            _Outage._last_logged = now
-        self.retries += 1
-        await asyncio.sleep(delay)
-
-    def stalled(self, waited_s: float) -> None:
-        """The reply has not come for ``waited_s`` seconds (Redis stalled or very slow): log, rate-limited."""
-        now = time.monotonic()
-        if self.since is None:
-            self.since = now - waited_s
-        if now - _Outage._last_logged >= REDIS_LOG_EVERY_S:
-            log.warning("Redis has not answered the %s for %.0fs: validation paused, waiting", self.what, waited_s)
-            _Outage._last_logged = now
-
-    def over(self) -> None:
-        if self.since is not None:
-            log.warning("Redis answers the %s again after %.1fs (%d retries): validation resumes", self.what,
-                        time.monotonic() - self.since, self.retries)
-            self.since, self.retries = None, 0
 
 
 class ValidUpdate(NamedTuple):
@@ -228,98 +158,16 @@ class _Pending:
     tensor: np.ndarray | None
     norm: float
     local: RejectError | None  # the first local check that failed
-    line: str  # its line of the admission call (registry.ADMIT_LUA)
+    line: str  # its record in the admission call (processors.admission.admission_record)
+
+
+_StaleKey = tuple[int, SealedEnvelope, str]  # a record that failed authentication: index, envelope, key tried
 
 
 @dataclass(slots=True)
 class _Key:
     public_hex: str
     aead: ChaCha20Poly1305
-
-
-class AdmissionChannel:
-    """The admission script (:data:`fedguard.registry.ADMIT_LUA`) over one connection of its own, split in two: send
-    the call now, read its reply later, with this process opening the next records in between.
-
-    redis-py's ``Script`` call goes through ``execute_command``, the pool and the retry layer and must run in a task
-    of its own to overlap with anything; on the benchmark machine that cost ~0.4 ms of client time per call. Here a
-    call is one ``send_packed_command`` (the bytes are on the socket when it returns) and one ``read_response``:
-    the connection is redis-py's (URL, auth, TLS, database and reconnects as configured), only the layers are
-    skipped. At most one call is outstanding. A script missing from the server (a restart or ``SCRIPT FLUSH``) is
-    loaded and the call sent again. A Redis outage (:func:`redis_outage`) in either half resends the whole call on a
-    new connection after a back-off (:data:`REDIS_BACKOFF`), forever: the caller waits (a call that ran before the
-    connection broke is then answered again: re-deliveries of the same records, by the script's rule). A reply that
-    is only late (a stalled Redis) is awaited on the same connection for :data:`REDIS_RESEND_AFTER_S`, so the call
-    runs once.
-    """
-
-    def __init__(self, client: aioredis.Redis, script: str) -> None:
-        self._pool = client.connection_pool
-        self._script = script
-        self._sha = hashlib.sha1(script.encode()).hexdigest()
-        self._conn = None
-        self._args: list | None = None
-
-    async def send(self, args: list) -> None:
-        self._args = args
-        outage = _Outage("admission call")
-        while True:
-            try:
-                await self._send()
-                return outage.over()
-            except Exception as exc:
-                if not redis_outage(exc):
-                    raise
-                await self._back_off(exc, outage)
-
-    async def receive(self) -> str:
-        outage = _Outage("admission call")
-        waited = 0.0
-        while True:
-            try:
-                try:
-                    reply = await self._conn.read_response(timeout=REDIS_READ_SLICE_S)
-                except NoScriptError:
-                    await self._conn.send_command("SCRIPT", "LOAD", self._script)
-                    await self._conn.read_response()
-                    await self._send()
-                    continue
-                if reply is None:  # no reply yet: the call waits in Redis' queue (a stall), or Redis is gone silently
-                    waited += REDIS_READ_SLICE_S
-                    if waited < REDIS_RESEND_AFTER_S:
-                        outage.stalled(waited)
-                        continue
-                    raise RedisTimeoutError(f"no reply to the admission call for {waited:.0f}s")
-                outage.over()
-                return reply
-            except Exception as exc:
-                if not redis_outage(exc):
-                    raise
-                await self._back_off(exc, outage)
-                waited = 0.0
-                try:
-                    await self._send()
-                except Exception as again:
-                    if not redis_outage(again):
-                        raise
-                    # the next read fails too and takes the next back-off step
-
-    async def _send(self) -> None:
-        if self._conn is None:
-            self._conn = await self._pool.get_connection()
-        conn = self._conn
-        await conn.send_packed_command(conn.pack_command("EVALSHA", self._sha, 0, *self._args), check_health=False)
-
-    async def abandon(self) -> None:
-        """Drop the call that is out (its reply unread) with the connection it is on."""
-        if self._conn is not None:
-            await self._conn.disconnect(nowait=True)
-
-    async def _back_off(self, exc: Exception, outage: _Outage) -> None:
-        """Drop the connection (the reply of a call out on it cannot be paired any more) and wait a back-off step."""
-        if self._conn is not None:
-            await self._conn.disconnect(nowait=True)
-        await outage.wait(exc)
 
 
 @dataclass
@@ -332,7 +180,7 @@ class Validator:
     _one_batch_at_a_time: asyncio.Lock = field(default_factory=asyncio.Lock)  # one admission call out at most
 
     def __post_init__(self) -> None:
-        self._admission = AdmissionChannel(self.redis, registry.ADMIT_LUA)
+        self._admission = AdmissionChannel(self.redis)
         # The largest honest record: a maximal header and the model's parameters in the widest dtype (a float64
         # update must reach the dtype check to get its own reason code). Bigger records are cut off unread.
         self.max_record_bytes = min(self.settings.max_payload_bytes,
@@ -368,8 +216,20 @@ class Validator:
         return outcomes
 
     # -- the steps -------------------------------------------------------------------------------------------------
+    # Each step takes the batch's ``items`` and ``outcomes`` (one slot per record, filled in place as records are
+    # decided, so a bug in a later step still leaves the decided ones, see validate_batch) and returns what the next
+    # step needs.
     async def _validate_into(self, items, outcomes: list) -> None:
         now = time.time()
+        parsed = self._parse_all(items, outcomes)
+        fetched = await self._fetch_missing_keys({sealed.header.device_id for _, sealed in parsed})
+        stale_keys = await self._open_and_admit(parsed, items, outcomes, now, fetched)
+        if stale_keys:
+            await self._retry_stale_keys(stale_keys, items, outcomes, now)
+
+    def _parse_all(self, items, outcomes: list) -> list[tuple[int, SealedEnvelope]]:
+        """Parse every record (no Redis): returns ``(index, envelope)`` of those that parse; the others get their
+        RejectError in ``outcomes``."""
         parsed: list[tuple[int, SealedEnvelope]] = []
         for i, (raw, _key, _pos) in enumerate(items):
             try:
@@ -378,14 +238,25 @@ class Validator:
                 outcomes[i] = err
             except Exception as exc:  # a bug: the record gets a code, the batch goes on
                 outcomes[i] = _internal(exc)
+        return parsed
 
-        needed = {s.header.device_id for _, s in parsed}
+    async def _fetch_missing_keys(self, needed: set[str]) -> set[str]:
+        """Read the registry keys of the ``needed`` devices that are not cached (one round trip, none when all are);
+        returns the devices whose key was just read. The cache is bounded softly: a batch that would take it past
+        ``MAX_CACHED_KEYS`` starts it over with this batch's devices."""
         missing = needed - self._keys.keys()
-        if len(self._keys) + len(missing) > MAX_CACHED_KEYS:  # a soft bound: start over with this batch's devices
+        if len(self._keys) + len(missing) > MAX_CACHED_KEYS:
             self._keys.clear()
             missing = needed
-        fetched = await self._fetch_keys(missing)
-        stale_keys: list[tuple[int, SealedEnvelope, str]] = []
+        return await self._fetch_keys(missing)
+
+    async def _open_and_admit(self, parsed: list[tuple[int, SealedEnvelope]], items, outcomes: list, now: float,
+                              fetched: set[str]) -> list[_StaleKey]:
+        """Open and check the parsed records part by part (:func:`admission_split`) and admit each part in one Redis
+        call, the call of a part out while the next part is opened. Returns the records that failed authentication
+        with a key cached before this batch (``fetched``: the keys just read), which may have been rotated since:
+        ``(index, envelope, the key tried)``."""
+        stale_keys: list[_StaleKey] = []
         inflight: list[_Pending] | None = None  # the part whose admission call is out
         try:
             for start, end in admission_split(len(parsed)):
@@ -395,7 +266,7 @@ class Validator:
                     if isinstance(outcome, _Pending):
                         pending.append(outcome)
                     elif outcome.reason is Reason.AUTH_FAILED and sealed.header.device_id not in fetched:
-                        # The cached key may have been rotated: read it again below.
+                        # The cached key may have been rotated: read it again (_retry_stale_keys).
                         stale_keys.append((i, sealed, self._keys[sealed.header.device_id].public_hex))
                 if inflight:
                     await self._finish_admission(inflight, items, outcomes, now)
@@ -406,47 +277,55 @@ class Validator:
         finally:
             if inflight:  # failing with a call out: its reply must not be read as the next call's
                 await self._admission.abandon()
+        return stale_keys
 
-        if stale_keys:
-            await self._fetch_keys({s.header.device_id for _, s, _ in stale_keys})
-            pending = []
-            for i, sealed, tried in stale_keys:
-                current = self._keys.get(sealed.header.device_id)
-                if current is not None and current.public_hex != tried:
-                    outcome = outcomes[i] = self._open(i, sealed, items[i], now)
-                    if isinstance(outcome, _Pending):
-                        pending.append(outcome)
-            if await self._start_admission(pending):
-                await self._finish_admission(pending, items, outcomes, now)
+    async def _retry_stale_keys(self, stale_keys: list[_StaleKey], items, outcomes: list, now: float) -> None:
+        """Read again the keys of the records :meth:`_open_and_admit` could not open with a cached key; open again
+        those whose device's key has changed since, and admit them in one call. The others keep their auth_failed."""
+        await self._fetch_keys({sealed.header.device_id for _, sealed, _ in stale_keys})
+        pending = []
+        for i, sealed, tried in stale_keys:
+            current = self._keys.get(sealed.header.device_id)
+            if current is not None and current.public_hex != tried:
+                outcome = outcomes[i] = self._open(i, sealed, items[i], now)
+                if isinstance(outcome, _Pending):
+                    pending.append(outcome)
+        if await self._start_admission(pending):
+            await self._finish_admission(pending, items, outcomes, now)
 
     async def _start_admission(self, pending: list[_Pending]) -> list[_Pending] | None:
         """Send the admission call of ``pending`` (if any); :meth:`_finish_admission` reads its reply."""
         if not pending:
             return None
-        await self._admission.send(registry.admit_args(self.settings, [p.line for p in pending]))
+        await self._admission.send(admission.admit_args(self.settings, [p.line for p in pending]))
         return pending
 
     async def _finish_admission(self, pending: list[_Pending], items, outcomes: list, now: float,
                                 retry: bool = True) -> None:
-        reply = (await self._admission.receive()).split("\n")
+        """Read the reply of the call :meth:`_start_admission` sent for ``pending`` and decide each record; records
+        opened with a key the registry no longer holds (``rekey``) are opened again with the key it holds now and
+        admitted again, once (``retry``)."""
         rekey = []
-        for p, line in zip(pending, reply, strict=True):
-            if line == ACCEPTED:
+        for p, line in zip(pending, admission.reply_lines(await self._admission.receive()), strict=True):
+            if line == admission.ACCEPTED:
                 outcomes[p.index] = ValidUpdate(p.sealed.header, p.tensor, p.norm)
                 continue
-            code, event, info = line.split(" ", 2)
-            if code == "rekey":
+            code, emit, info = admission.parse_line(line)
+            if code == admission.REKEY:
                 rekey.append(p)
             else:
-                outcomes[p.index] = self._outcome(p, code, info, event == "1")
-        if not rekey:
-            return
+                outcomes[p.index] = self._outcome(p, code, info, emit)
+        if rekey:
+            await self._reopen_rekeyed(rekey, items, outcomes, now, retry)
+
+    async def _reopen_rekeyed(self, rekey: list[_Pending], items, outcomes: list, now: float, retry: bool) -> None:
+        """The registry holds another key than the one the ``rekey`` records opened with (a rotation raced the
+        cache): read it, open them again and admit them again (``retry``), else they fail authentication."""
         if not retry:
             for p in rekey:
                 outcomes[p.index] = RejectError(Reason.AUTH_FAILED, "the device's key changed while validating",
                                                 device_id=p.sealed.header.device_id)
             return
-        # The registry holds another key than the one these records opened with (a rotation raced the cache).
         await self._fetch_keys({p.sealed.header.device_id for p in rekey}, only_changed=True)
         again = []
         for p in rekey:
@@ -493,7 +372,7 @@ class Validator:
             except RejectError as err:
                 err.device_id, err.authenticated = device_id, True
                 local = err
-            line = registry.admission_record(device_id, key.public_hex, header.seq,
+            line = admission.admission_record(device_id, key.public_hex, header.seq,
                                              f"{header.update_id}@{position}",
                                              local.reason.value if local else None, header.base_version)
             return _Pending(index, sealed, tensor, norm, local, line)
@@ -532,43 +411,19 @@ class Validator:
         return result
 
     def _outcome(self, p: _Pending, code: str, info: str, emit: bool):
-        s, h = self.settings, p.sealed.header
+        """A record's outcome from its reply code (not ``rekey``): see :func:`processors.admission.rejection`."""
+        h = p.sealed.header
         if code == "ok":  # (with an event flag or info: not produced today, but the meaning is the same)
             return ValidUpdate(h, p.tensor, p.norm)
-        if info == "-":
-            info = ""
         if p.local is not None and code == p.local.reason.value:
             return p.local
         if code == "unknown_device":
             self._keys.pop(h.device_id, None)
-        details = {
-            "unknown_device": f"device {h.device_id!r} is no longer enrolled",
-            "revoked": f"device {h.device_id!r} is revoked",
-            "quarantined": f"device {h.device_id!r} is {info}",
-            "replay": f"sequence {h.seq} not above last accepted {info}",
-            "rate_limited": f"device bucket has {info} tokens (capacity {s.rate_device_capacity:g}, "
-                            f"refill {s.rate_device_refill_per_s:g}/s)",
-            "ingress_limited": f"global ingress bucket has {info} tokens (capacity {s.rate_global_capacity:g}, "
-                               f"refill {s.rate_global_refill_per_s:g}/s)",
-            "future_version": ("no global model version has been published yet" if info == "none"
-                               else f"base version {h.base_version}, current is {info}"),
-            "stale": f"base version {h.base_version}, current is {info}, max staleness {s.max_staleness}",
-            "window_duplicate": f"device {h.device_id!r} already has an update accepted for base version {info}: "
-                                f"one per device per window",
-        }
-        try:
-            reason = Reason(code)
-        except ValueError:
-            return RejectError(Reason.INTERNAL_ERROR, f"admission returned {code!r}", device_id=h.device_id)
-        err = RejectError(reason, details.get(code, code), device_id=h.device_id, authenticated=True)
-        if emit:
-            err.event = {"type": code, "device_id": h.device_id, "reason": code, "detail": err.detail,
-                         "at": time.time()}
-        return err
+        return admission.rejection(code, info, emit, h, self.settings)
 
     async def _with_retries(self, call):
         """``await call()`` (an idempotent read), again after each Redis outage, until Redis answers."""
-        outage = _Outage("registry read")
+        outage = Outage("registry read")
         while True:
             try:
                 result = await call()

@@ -21,6 +21,7 @@ from fedguard import envelope, registry
 from fedguard.keys import load_or_create_server_key, private_from_hex, public_to_hex
 from fedguard.modelstore import ModelStore
 from fedguard.stack import EmbeddedStack, free_port, initialize, restore_version_key
+from processors import admission
 from processors.validation import ValidUpdate, Validator
 from producers.enroll import revoke, rotate
 from producers.keystore import Keystore
@@ -65,7 +66,7 @@ def test_revocation_admission_state_quarantine_and_audit_survive_a_restart_of_th
         revoke(settings, "dev-0001", reason="stolen (test)")
         registry.set_device_status(client, settings, "dev-0002", registry.QUARANTINED, "3 rejected windows")
         accept_one_update(settings, "dev-0003")
-        state = registry.admission_state(client, settings, "dev-0003")
+        state = admission.admission_state(client, settings, "dev-0003")
         client.set(registry.model_version_key(settings), 4)
         audit = client.lrange(registry.audit_key(settings), 0, -1)
         assert "redis" in stack.procs
@@ -77,7 +78,7 @@ def test_revocation_admission_state_quarantine_and_audit_survive_a_restart_of_th
         assert client.get(registry.auth_key(settings, "dev-0001")).startswith("revoked ")
         assert registry.get_device(client, settings, "dev-0002")["status"] == registry.QUARANTINED
         assert registry.get_device(client, settings, "dev-0000")["status"] == registry.ACTIVE
-        assert state["seq"] == "1" and registry.admission_state(client, settings, "dev-0003") == state
+        assert state["seq"] == "1" and admission.admission_state(client, settings, "dev-0003") == state
         assert client.get(registry.model_version_key(settings)) == "4"
         assert client.lrange(registry.audit_key(settings), 0, -1) == audit
         assert [json.loads(a)["action"] for a in audit].count("revoke") == 1

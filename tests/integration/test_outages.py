@@ -27,6 +27,7 @@ from fedguard import registry
 from fedguard.reasons import Reason
 from fedguard.settings import Settings
 from fedguard.stack import free_port, redis_command, wait_for_port, wait_for_redis
+from processors import admission
 from processors.validation import ValidUpdate, Validator
 from tests.hostile import Fleet
 
@@ -141,7 +142,7 @@ def test_a_redis_stall_pauses_validation_and_every_honest_update_is_accepted(wor
     assert warm == ["ok"] * DEVICES, warm
     assert cold_s >= stall_s - 1 and warm_s >= stall_s - 1  # it waited for Redis, it did not give up
     for device_id in ids:  # the last accepted update of each device is the one of the warm batch
-        assert registry.admission_state(fleet.redis, settings, device_id)["window_base"] == "1"
+        assert admission.admission_state(fleet.redis, settings, device_id)["window_base"] == "1"
     lines = paused_lines(caplog)
     assert any("validation resumes" in line for line in lines), lines
     assert 2 <= len(lines) <= 2 * (2 * stall_s / 5 + 3), lines  # a few lines per stall, not one per retry
@@ -209,7 +210,7 @@ def test_a_bug_is_still_internal_error(world, monkeypatch):
 def test_a_redis_response_error_that_is_not_an_outage_is_a_bug_and_one_that_is_waits(world):
     from redis.exceptions import BusyLoadingError, OutOfMemoryError, ResponseError
 
-    from processors.validation import redis_outage
+    from processors.admission import redis_outage
 
     assert redis_outage(BusyLoadingError("Redis is loading the dataset in memory"))
     assert redis_outage(OutOfMemoryError("command not allowed when used memory > 'maxmemory'"))

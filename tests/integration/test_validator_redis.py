@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedguard import registry
 from fedguard.reasons import RejectError
 from fedguard.settings import Settings
-from processors import validation
+from processors import admission
 from processors.validation import ValidUpdate, Validator
 from tests.hostile import Fleet, flip
 
@@ -322,7 +322,7 @@ def test_registry_keys_match_the_ones_the_script_builds(env):
         return await codes(make(), [(f.seal("dev-x"), b"dev-x", "3:14")])
 
     assert env.run(scenario) == ["ok"]
-    state = registry.admission_state(f.redis, env.settings, "dev-x")
+    state = admission.admission_state(f.redis, env.settings, "dev-x")
     assert state["seq"] == "1" and state["delivery"].endswith("@3:14") and float(state["tokens"]) == 999.0
     entry = f.redis.hgetall(registry.device_key(env.settings, "dev-x"))
     assert f.redis.get(registry.auth_key(env.settings, "dev-x")) == f"active {entry['public_key']}"
@@ -355,20 +355,20 @@ def test_a_connection_lost_between_send_and_reply_gets_the_same_answers(env, mon
     f.enroll("d")
     admin = f.redis
     public_hex = admin.hget(registry.device_key(env.settings, "d"), "public_key")
-    record = registry.admission_record("d", public_hex, 1, "u1@0:7", None, 0)
+    record = admission.admission_record("d", public_hex, 1, "u1@0:7", None, 0)
 
     failures = []
-    back_off = validation.AdmissionChannel._back_off
+    back_off = admission.AdmissionChannel._back_off
 
     async def counted(self, exc, delay):
         failures.append(exc)
         await back_off(self, exc, delay)
 
-    monkeypatch.setattr(validation.AdmissionChannel, "_back_off", counted)
+    monkeypatch.setattr(admission.AdmissionChannel, "_back_off", counted)
 
     async def scenario(make):
-        channel = validation.AdmissionChannel(make().redis, registry.ADMIT_LUA)
-        await channel.send(registry.admit_args(env.settings, [record]))
+        channel = admission.AdmissionChannel(make().redis)
+        await channel.send(admission.admit_args(env.settings, [record]))
         await asyncio.sleep(0.2)  # the call has run in Redis
         conn, read = channel._conn, channel._conn.read_response
 
@@ -382,7 +382,7 @@ def test_a_connection_lost_between_send_and_reply_gets_the_same_answers(env, mon
 
     assert env.run(scenario) == "ok 0 -"
     assert len(failures) == 1  # the reply was lost with the connection, and the call was sent again
-    state = registry.admission_state(admin, env.settings, "d")
+    state = admission.admission_state(admin, env.settings, "d")
     assert state["seq"] == "1" and state["delivery"] == "u1@0:7" and float(state["tokens"]) == 999.0
 
 
@@ -431,7 +431,7 @@ def test_one_update_per_device_per_base_version_across_restarts_and_floods(env):
     assert flood == ["window_duplicate"] * 20 + ["ok"]
     assert restarted == ["ok", "window_duplicate"]
     assert next_version == ["ok", "window_duplicate"]
-    assert registry.admission_state(client, env.settings, "dev-a")["window_base"] == "1"
+    assert admission.admission_state(client, env.settings, "dev-a")["window_base"] == "1"
 
 
 def test_window_duplicate_detail_names_the_version_and_a_state_from_before_the_rule_is_read(env):

@@ -1,0 +1,309 @@
+"""The processors' steps, each alone (no Kafka, no Redis): the records the validation stage writes, the routing of a
+validated batch, the window stage's seating and closing with a stand-in for detection, the validator's steps and the
+admission protocol's records and replies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import redis.asyncio as aioredis
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedguard import envelope, records
+from fedguard import sketch as sketch_codec
+from fedguard.codec import encode_tensor
+from fedguard.envelope import UpdateHeader
+from fedguard.reasons import Reason, RejectError
+from fedguard.settings import Settings
+from fedguard.sketch import SketchSpec, sketch
+from processors import admission, validation
+from processors import app as A
+from processors import windows as W
+from processors.defence import Judged
+from processors.validation import CHECKS, ValidUpdate, Validator
+
+SPEC = SketchSpec(50, 8, 12345)
+
+
+def event(value: bytes | None, key: bytes | None = b"dev-1", partition: int = 2, offset: int = 17):
+    return SimpleNamespace(key=key, value=value, message=SimpleNamespace(partition=partition, offset=offset))
+
+
+def update(device_id: str = "dev-1", base_version: int = 3) -> ValidUpdate:
+    header = UpdateHeader.new(device_id=device_id, seq=4, base_version=base_version, num_samples=20, model_id="m")
+    tensor = np.random.default_rng(0).normal(size=SPEC.dim).astype(np.float32)
+    return ValidUpdate(header, tensor, float(np.linalg.norm(tensor)))
+
+
+def sealed(device_id: str = "dev-9") -> bytes:
+    header = UpdateHeader.new(device_id=device_id, seq=1, base_version=0, num_samples=1, model_id="m")
+    return envelope.seal(header, encode_tensor(np.zeros(3, np.float32)), os.urandom(32))
+
+
+# -- records ----------------------------------------------------------------------------------------------------------
+def test_raw_position_names_the_raw_record():
+    assert A.raw_position(event(b"x", partition=5, offset=9)) == {"partition": 5, "offset": 9}
+
+
+def test_dead_letter_record_of_an_authenticated_rejection():
+    err = RejectError(Reason.REPLAY, "sequence 4 not above last accepted 9", device_id="dev-1", authenticated=True)
+    position = {"partition": 2, "offset": 17}
+    assert A.dead_letter_record(err, position, b"anything", now=1234.5) == {
+        "raw": position, "device_id": "dev-1", "authenticated": True, "reason": "replay",
+        "detail": "sequence 4 not above last accepted 9", "rejected_at": 1234.5}
+
+
+def test_dead_letter_record_names_the_claimed_device_only_when_there_is_no_authenticated_one():
+    err = RejectError(Reason.AUTH_FAILED, "tag does not verify")
+    record = A.dead_letter_record(err, {"partition": 0, "offset": 0}, sealed("dev-9"), now=1.0)
+    assert record["device_id"] == "dev-9" and record["authenticated"] is False and record["reason"] == "auth_failed"
+    for garbage in (b"garbage", None, b""):
+        assert A.dead_letter_record(err, {"partition": 0, "offset": 0}, garbage, now=1.0)["device_id"] is None
+
+
+def test_security_event_record_carries_the_raw_position():
+    position = {"partition": 1, "offset": 2}
+    event_ = {"type": "replay", "device_id": "dev-1", "reason": "replay", "detail": "d", "at": 5.0}
+    assert A.security_event_record(event_, position) == {**event_, "raw": position}
+
+
+def test_valid_record_round_trips_with_its_metadata():
+    u = update()
+    position = {"partition": 2, "offset": 17}
+    meta = A.valid_meta(u, position)
+    h = u.header
+    assert meta == {"update_id": h.update_id, "device_id": h.device_id, "model_id": "m", "base_version": 3,
+                    "seq": 4, "num_samples": 20, "timestamp": h.timestamp, "norm": u.norm, "raw": position,
+                    "checks": list(CHECKS)}
+    back, tensor = records.decode_valid(records.encode_valid(meta, u.tensor), SPEC.dim)
+    assert back == meta and np.array_equal(tensor, u.tensor)
+
+
+def test_index_record_points_at_the_valid_record_and_carries_the_sketch():
+    u = update()
+    position, valid = {"partition": 2, "offset": 17}, {"partition": 0, "offset": 41}
+    record = A.index_record(u, position, valid, SPEC)
+    assert {k: v for k, v in record.items() if k != "sketch"} == {
+        "update_id": u.header.update_id, "device_id": "dev-1", "base_version": 3, "num_samples": 20,
+        "norm": u.norm, "raw": position, "valid": valid}
+    assert np.array_equal(sketch_codec.decode(record["sketch"], SPEC.k), sketch(u.tensor, SPEC))
+    assert records.loads(records.dumps(record)) == record  # JSON-safe
+
+
+# -- routing ----------------------------------------------------------------------------------------------------------
+class Topic:
+    """A stand-in for a Faust topic: ``send`` returns an awaitable that gives the record's place once acknowledged."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log, self.sent = name, log, []
+
+    async def send(self, *, key, value, force):
+        assert force is True
+        self.sent.append((key, value))
+        self.log.append(self.name)
+        ack = asyncio.get_running_loop().create_future()
+        ack.set_result(SimpleNamespace(partition=0, offset=100 + len(self.sent)))
+        return ack
+
+
+def outputs():
+    log: list[str] = []
+    return A.ValidationOutputs(Topic("valid", log), Topic("rejected", log), Topic("index", log), Topic("events", log),
+                               SPEC), log
+
+
+def test_route_validated_sends_every_record_to_exactly_one_of_valid_and_rejected():
+    out, log = outputs()
+    flood = RejectError(Reason.RATE_LIMITED, "bucket empty", device_id="dev-2", authenticated=True)
+    flood.event = {"type": "rate_limited", "device_id": "dev-2", "reason": "rate_limited", "detail": "d", "at": 1.0}
+    outcomes = [update("dev-1"), RejectError(Reason.MALFORMED, "bad"), flood, update("dev-3")]
+    events = [event(b"a", b"dev-1", offset=1), event(b"garbage", b"x", offset=2), event(b"c", b"dev-2", offset=3),
+              event(b"d", b"dev-3", offset=4)]
+    asyncio.run(A.route_validated(out, events, outcomes))
+
+    assert [k for k, _ in out.valid.sent] == [b"dev-1", b"dev-3"]
+    assert [records.loads(v)["raw"]["offset"] for _, v in out.rejected.sent] == [2, 3]
+    assert [records.loads(v)["reason"] for _, v in out.rejected.sent] == ["malformed", "rate_limited"]
+    (key, value), = out.events.sent  # only the rejection that carries a security event
+    assert key == b"dev-2" and records.loads(value)["raw"] == {"partition": 2, "offset": 3}
+    # The index names only records the broker acknowledged on the valid topic: after every valid send.
+    assert log == ["valid", "rejected", "rejected", "events", "valid", "index", "index"]
+    index = [records.loads(v) for _, v in out.index.sent]
+    assert [k for k, _ in out.index.sent] == [b"m", b"m"]
+    assert [(e["device_id"], e["raw"]["offset"], e["valid"]) for e in index] == [
+        ("dev-1", 1, {"partition": 0, "offset": 101}), ("dev-3", 4, {"partition": 0, "offset": 102})]
+
+
+def test_route_validated_of_a_batch_rejected_whole_sends_no_valid_and_no_index():
+    out, log = outputs()
+    asyncio.run(A.route_validated(out, [event(None, None)], [RejectError(Reason.MALFORMED, "empty")]))
+    assert log == ["rejected"]
+
+
+# -- the window stage -------------------------------------------------------------------------------------------------
+class Defence:
+    """A stand-in for detection and reputation: accepts every member."""
+
+    def __init__(self) -> None:
+        self.judged: list[str] = []
+
+    async def judge(self, window_id, members):
+        self.judged.append(window_id)
+        return Judged([{"verdict": "accept", "weight": 1.0, "flags": [], "reasons": []} for _ in members],
+                      {"detectors": []}, [{"type": "flagged", "device_id": members[0]["device_id"]}])
+
+
+def stage(size: int = 2):
+    log: list[str] = []
+    s = A.WindowStage(Settings(window_size=size, window_deadline_s=10.0), Topic("windows", log), Topic("events", log))
+    s._defence = Defence()
+    return s
+
+
+def entry(device_id: str, base_version: int = 3, update_id: str | None = None) -> dict:
+    return {"update_id": update_id or f"u-{device_id}", "device_id": device_id, "base_version": base_version,
+            "num_samples": 1, "norm": 1.0, "raw": {"partition": 0, "offset": 0}, "sketch": "x"}
+
+
+def test_a_window_closes_when_its_last_seat_is_taken_and_a_second_update_of_a_device_gets_none():
+    s = stage(size=2)
+
+    async def run():
+        state = await s.seat("m", W.empty_state(), entry("dev-1"), now=0.0)
+        state = await s.seat("m", state, entry("dev-1", update_id="u-again"), now=0.1)  # no second seat
+        assert s._defence.judged == [] and len(state["open"]["3"]["members"]) == 1
+        state = await s.seat("m", state, entry("dev-2"), now=0.2)
+        state = await s.seat("m", state, entry("dev-4"), now=0.3)  # late: version 3's window has closed
+        return state
+
+    state = asyncio.run(run())
+    assert state == {"open": {}, "closed_upto": 3} and s._defence.judged == ["m:3"]
+    (key, value), = s.windows_topic.sent
+    record = records.loads(value)
+    assert key == b"m" and record["closed_by"] == "count"
+    assert [m["device_id"] for m in record["members"]] == ["dev-1", "dev-2"]
+    assert all("sketch" not in m for m in record["members"])
+    assert [records.loads(v)["type"] for _, v in s.events_topic.sent] == ["flagged"]
+
+
+def test_close_due_closes_only_windows_past_their_deadline():
+    s = stage(size=5)
+
+    async def run():
+        state = await s.seat("m", W.empty_state(), entry("dev-1", base_version=1), now=0.0)
+        state = await s.seat("m", state, entry("dev-2", base_version=2), now=8.0)
+        state, closed = await s.close_due("m", state, now=9.0)
+        assert not closed
+        return await s.close_due("m", state, now=10.5)
+
+    state, closed = asyncio.run(run())
+    assert closed and list(state["open"]) == ["2"] and state["closed_upto"] == 1
+    assert records.loads(s.windows_topic.sent[0][1])["closed_by"] == "deadline"
+
+
+
+# -- the validator's steps and the admission protocol (no Redis) ------------------------------------------------------
+def test_admission_arguments_carry_the_records_as_six_nul_ended_fields():
+    s = Settings(redis_prefix="p", model_id="m", one_update_per_window=False)
+    lines = [admission.admission_record("dev-1", "ab" * 32, 4, "u1@2:17", None, 3),
+             admission.admission_record("dev-2", "cd" * 32, 5, "u2@2:18", "clock_skew", 3)]
+    assert lines[1] == f"dev-2\0{'cd' * 32}\x005\0u2@2:18\0clock_skew\x003\0"
+    args = admission.admit_args(s, lines)
+    assert args[0] == "p" and args[7] == "m" and args[8] == "".join(lines) and args[-1] == "0"
+    assert admission.record_count(args) == 2 and admission.record_count(admission.admit_args(s, [])) == 0
+
+
+def test_admission_reply_lines_parse_into_code_event_and_info():
+    lines = admission.reply_lines("\n".join([admission.ACCEPTED, "replay 1 7", "rekey 0 -", "quarantined 0 x y"]))
+    assert [admission.parse_line(line) for line in lines] == [
+        ("ok", False, ""), ("replay", True, "7"), (admission.REKEY, False, ""), ("quarantined", False, "x y")]
+
+
+def test_admission_rejections_say_what_the_code_means():
+    s = Settings(max_staleness=2)
+    h = UpdateHeader.new(device_id="dev-1", seq=4, base_version=3, num_samples=1, model_id="m")
+    err = admission.rejection("stale", "6", False, h, s)
+    assert (err.reason, err.device_id, err.authenticated, err.event) == (Reason.STALE, "dev-1", True, None)
+    assert err.detail == "base version 3, current is 6, max staleness 2"
+    replay = admission.rejection("replay", "9", True, h, s)
+    assert replay.detail == "sequence 4 not above last accepted 9"
+    assert {k: v for k, v in replay.event.items() if k != "at"} == {
+        "type": "replay", "device_id": "dev-1", "reason": "replay", "detail": replay.detail}
+    assert admission.rejection("future_version", "none", False, h, s).detail == (
+        "no global model version has been published yet")
+    assert admission.rejection("no_such_code", "", False, h, s).reason is Reason.INTERNAL_ERROR
+
+
+def test_admission_state_reads_the_scripts_state_format():
+    def state(value):
+        return admission.admission_state(SimpleNamespace(get=lambda key: value), Settings(), "dev-1")
+
+    assert state(None) == {}
+    assert state("4\0u@0:1\x002.5\x0010.000000\x003\0") == {
+        "seq": "4", "delivery": "u@0:1", "tokens": "2.5", "tokens_ts": "10.000000", "window_base": "3"}
+    assert state("4\0u@0:1\0-\0-\0-\0") == {"seq": "4", "delivery": "u@0:1"}  # "-": not set yet
+
+
+class Reply:
+    """A stand-in for the admission channel: answers each call with the next canned reply."""
+
+    def __init__(self, *replies: str) -> None:
+        self.replies, self.sent = list(replies), []
+
+    async def send(self, args):
+        self.sent.append(admission.record_count(args))
+
+    async def receive(self):
+        return self.replies.pop(0)
+
+    async def abandon(self):
+        pass
+
+
+def validator(settings: Settings | None = None) -> Validator:
+    return Validator(settings or Settings(model_id="m"), X25519PrivateKey.generate(), 3, aioredis.Redis())
+
+
+def test_parse_all_rejects_what_does_not_parse_and_keeps_the_order_of_the_rest():
+    v = validator()
+    items = [(sealed("dev-1"), b"dev-1", "0:0"), (b"garbage", None, "0:1"), (None, None, "0:2"),
+             (sealed("dev-2"), b"dev-2", "0:3")]
+    outcomes = [None] * len(items)
+    parsed = v._parse_all(items, outcomes)
+    assert [(i, s.header.device_id) for i, s in parsed] == [(0, "dev-1"), (3, "dev-2")]
+    assert outcomes[0] is None and outcomes[3] is None
+    assert isinstance(outcomes[1], RejectError) and isinstance(outcomes[2], RejectError)
+    other = Validator(Settings(model_id="other"), X25519PrivateKey.generate(), 3, aioredis.Redis())
+    outcomes = [None]
+    assert other._parse_all(items[:1], outcomes) == [] and outcomes[0].reason is Reason.WRONG_MODEL
+
+
+def test_fetch_missing_keys_reads_only_uncached_keys_and_bounds_the_cache(monkeypatch):
+    v = validator()
+    asked = []
+
+    async def fetch(device_ids, only_changed=False):
+        asked.append(set(device_ids))
+        return set(device_ids)
+
+    v._fetch_keys = fetch
+    v._keys = {"a": object(), "b": object()}
+    assert asyncio.run(v._fetch_missing_keys({"a", "c"})) == {"c"}
+    monkeypatch.setattr(validation, "MAX_CACHED_KEYS", 3)
+    assert asyncio.run(v._fetch_missing_keys({"a", "d", "e"})) == {"a", "d", "e"} and v._keys == {}
+    assert asked == [{"c"}, {"a", "d", "e"}]
+
+
+def test_finish_admission_turns_each_reply_line_into_its_records_outcome():
+    v = validator(Settings(model_id="m", max_staleness=2))
+    pending = [validation._Pending(i, envelope.parse(sealed(f"dev-{i}"), 1 << 20), np.zeros(3, np.float32), 0.5,
+                                   None, "") for i in range(3)]
+    v._admission = Reply("\n".join([admission.ACCEPTED, "stale 0 6", "rekey 0 -"]), admission.ACCEPTED)
+    outcomes = [None] * 3
+    asyncio.run(v._finish_admission(pending, [None] * 3, outcomes, now=0.0, retry=False))
+    assert isinstance(outcomes[0], ValidUpdate) and outcomes[0].norm == 0.5
+    assert outcomes[1].reason is Reason.STALE and outcomes[1].detail.endswith("current is 6, max staleness 2")
+    assert outcomes[2].reason is Reason.AUTH_FAILED  # the key changed again while validating: no second retry
