@@ -54,7 +54,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator import rules  # noqa: E402
-from aggregator.rules._common import get_num_threads, set_num_threads  # noqa: E402
+from aggregator.rules import get_num_threads, set_num_threads  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
 
 try:

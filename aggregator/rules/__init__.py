@@ -9,7 +9,8 @@ configuration up front with :func:`validate_config`.  See
 ``docs/aggregation.md`` for the definitions and references.
 """
 
-from ._common import AggregateResult, PreconditionError, RuleConfigError, get_num_threads, set_num_threads
+from ._runtime import get_num_threads, set_num_threads
+from ._types import AggregateResult, PreconditionError, RuleConfigError
 from .averaging import centered_clipping, dp_gaussian, fedavg, norm_clip, reputation_weighted
 from .coordinatewise import coordinate_median, trim_count, trimmed_mean
 from .distance import (

@@ -8,22 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (
-    AggregateResult,
-    PreconditionError,
+from ._checks import (
     as_member_vector,
     as_param_vector,
     as_updates,
     check_finite_stats,
     check_int,
     check_real,
-    combine,
     make_rng,
-    result,
-    row_distances,
-    sq_norms,
-    to_list,
 )
+from ._kernels import combine, row_distances, sq_norms
+from ._types import AggregateResult, PreconditionError, result, to_list
 
 __all__ = ["centered_clipping", "dp_gaussian", "fedavg", "norm_clip", "reputation_weighted"]
 

@@ -15,22 +15,16 @@ coordinate's ``n`` values are contiguous, and then
   machine); see bench/results/aggregation.md.
 
 Only the final averaging is done in float64.  Column ranges are spread over
-the worker threads (see ``_common``).
+the worker threads (see ``_runtime``), by the block loop of ``_kernels``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._common import (
-    AggregateResult,
-    as_updates,
-    block_width,
-    check_real,
-    iter_blocks,
-    result,
-    run_ranges,
-)
+from ._checks import as_updates, check_real
+from ._kernels import blockwise
+from ._types import AggregateResult, result
 
 __all__ = ["coordinate_median", "trimmed_mean", "trim_count"]
 
@@ -57,20 +51,16 @@ def coordinate_median(updates: np.ndarray) -> AggregateResult:
     out = np.empty(d)
     k = n // 2
 
-    def work(a0: int, a1: int) -> None:
-        buf = np.empty((block_width(n, a1 - a0), n), dtype=x.dtype)
-        for sl in iter_blocks(a0, a1, n):
-            t = buf[: sl.stop - sl.start]
-            np.copyto(t, x[:, sl].T)
-            t.partition(k, axis=1)
-            if n % 2:
-                out[sl] = t[:, k]
-            else:
-                # after partitioning at k, the lower middle value is the
-                # largest of the k values left of position k
-                out[sl] = 0.5 * (t[:, :k].max(axis=1).astype(np.float64) + t[:, k])
+    def step(state: None, sl: slice, t: np.ndarray) -> None:
+        t.partition(k, axis=1)
+        if n % 2:
+            out[sl] = t[:, k]
+        else:
+            # after partitioning at k, the lower middle value is the
+            # largest of the k values left of position k
+            out[sl] = 0.5 * (t[:, :k].max(axis=1).astype(np.float64) + t[:, k])
 
-    run_ranges(work, d, n)
+    blockwise(x, step, transpose=True, dtype=x.dtype)
     return result(out, np.arange(n), {}, "coordinate_median")
 
 
@@ -108,17 +98,15 @@ def trimmed_mean(updates: np.ndarray, beta: float = 0.1) -> AggregateResult:
     keep = n - 2 * k
     out = np.empty(d)
 
-    def work(a0: int, a1: int) -> None:
-        if k == 0:
-            for sl in iter_blocks(a0, a1, n):
-                out[sl] = x[:, sl].sum(axis=0, dtype=np.float64) / n
-            return
-        buf = np.empty((block_width(n, a1 - a0), n), dtype=x.dtype)
-        for sl in iter_blocks(a0, a1, n):
-            t = buf[: sl.stop - sl.start]
-            np.copyto(t, x[:, sl].T)
-            t.sort(axis=1)
-            out[sl] = t[:, k : n - k].sum(axis=1, dtype=np.float64) / keep
+    def mean(state: None, sl: slice, b: np.ndarray) -> None:
+        out[sl] = b.sum(axis=0, dtype=np.float64) / n
 
-    run_ranges(work, d, n)
+    def step(state: None, sl: slice, t: np.ndarray) -> None:
+        t.sort(axis=1)
+        out[sl] = t[:, k : n - k].sum(axis=1, dtype=np.float64) / keep
+
+    if k == 0:
+        blockwise(x, mean, copy=False)
+    else:
+        blockwise(x, step, transpose=True, dtype=x.dtype)
     return result(out, np.arange(n), {"beta": beta, "trimmed_per_side": k}, "trimmed_mean")

@@ -2,7 +2,7 @@
 
 All of them need only the pairwise geometry of the updates, so they start
 from one ``(n, n)`` Gram matrix of the centered updates (block-wise BLAS, see
-:func:`aggregator.rules._common.gram`) and then work on ``n x n`` numbers;
+:func:`aggregator.rules._kernels.gram`) and then work on ``n x n`` numbers;
 the ``(n, d)`` array is read once more at the end to form the output.
 """
 
@@ -12,23 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (
-    AggregateResult,
-    PreconditionError,
-    as_member_vector,
-    as_updates,
-    block_width,
-    check_finite_stats,
-    check_int,
-    check_real,
-    combine,
-    gram,
-    iter_blocks,
-    result,
-    run_ranges,
-    sq_distances_from_gram,
-    to_list,
-)
+from ._checks import as_member_vector, as_updates, check_finite_stats, check_int, check_real
+from ._kernels import blockwise, combine, gram, sq_distances_from_gram
+from ._types import AggregateResult, PreconditionError, result, to_list
 
 __all__ = [
     "bulyan",
@@ -281,21 +267,16 @@ def bulyan(updates: np.ndarray, f: int) -> AggregateResult:
     rows = np.sort(order)
     out = np.empty(d)
 
-    def work(a0: int, a1: int) -> None:
-        # 4x narrower blocks than usual: a few (w, theta) buffers are alive
-        width = block_width(4 * theta, a1 - a0)
-        buf = np.empty((width, theta))
-        ws = _Workspace(width, theta, beta)
-        for sl in iter_blocks(a0, a1, 4 * theta):
-            # (w, theta) float64: one row per coordinate, members in ascending index order
-            t = buf[: sl.stop - sl.start]
-            np.copyto(t, x[rows, sl].T)
-            if beta == theta:
-                t.mean(axis=1, out=out[sl])
-            else:
-                _mean_closest_to_median(t, beta, out[sl], ws)
+    def step(ws: _Workspace, sl: slice, t: np.ndarray) -> None:
+        # t: (w, theta) float64, one row per coordinate, members in ascending index order
+        if beta == theta:
+            t.mean(axis=1, out=out[sl])
+        else:
+            _mean_closest_to_median(t, beta, out[sl], ws)
 
-    run_ranges(work, d, theta)
+    # 4x narrower blocks than usual: a few (w, theta) buffers are alive
+    blockwise(x, step, init=lambda width: _Workspace(width, theta, beta), rows=rows, transpose=True,
+              block_rows=4 * theta)
     check_finite_stats(out, "the aggregate")
     info = {"f": f, "theta": int(theta), "beta": int(beta), "order": to_list(order)}
     return result(out, order, info, "bulyan")

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ._common import AggregateResult, PreconditionError, RuleConfigError, check_int, check_real
+from ._checks import check_int, check_real
+from ._types import AggregateResult, PreconditionError, RuleConfigError
 from .averaging import centered_clipping, dp_gaussian, fedavg, norm_clip, reputation_weighted
 from .coordinatewise import coordinate_median, trimmed_mean
 from .distance import bulyan, geometric_median, krum, multi_krum

@@ -6,21 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (
-    AggregateResult,
-    PreconditionError,
-    as_param_vector,
-    as_updates,
-    check_finite_stats,
-    check_int,
-    check_real,
-    combine,
-    dots_and_sq_norms,
-    gram,
-    make_rng,
-    result,
-    to_list,
-)
+from ._checks import as_param_vector, as_updates, check_finite_stats, check_int, check_real, make_rng
+from ._kernels import combine, dots_and_sq_norms, gram
+from ._types import AggregateResult, PreconditionError, result, to_list
 
 __all__ = ["flame", "fltrust", "cosine_distances"]
 

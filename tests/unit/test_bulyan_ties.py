@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import aggregator.rules._common as common
-from aggregator.rules import bulyan, bulyan_select
-from aggregator.rules._common import get_num_threads, set_num_threads
+import aggregator.rules._runtime as runtime
+from aggregator.rules import bulyan, bulyan_select, get_num_threads, set_num_threads
 
 
 def naive_bulyan(x: np.ndarray, f: int) -> np.ndarray:
@@ -72,9 +71,9 @@ def test_tied_integer_updates_match_the_definition(seed, n, f):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tied_integer_updates_blocked_and_parallel(monkeypatch, dtype):
     """The same on many small column blocks split between threads (the large-input path)."""
-    monkeypatch.setattr(common, "_BLOCK_ELEMS", 64)
-    monkeypatch.setattr(common, "_MIN_BLOCK_COLS", 3)
-    monkeypatch.setattr(common, "_PARALLEL_MIN_ELEMS", 1)
+    monkeypatch.setattr(runtime, "_BLOCK_ELEMS", 64)
+    monkeypatch.setattr(runtime, "_MIN_BLOCK_COLS", 3)
+    monkeypatch.setattr(runtime, "_PARALLEL_MIN_ELEMS", 1)
     old = get_num_threads()
     set_num_threads(3)
     try:

@@ -13,7 +13,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-import aggregator.rules._common as common
+import aggregator.rules._runtime as runtime
 from aggregator.rules import (
     RULES,
     AggregateResult,
@@ -30,6 +30,7 @@ from aggregator.rules import (
     flame,
     fltrust,
     geometric_median,
+    get_num_threads,
     krum,
     krum_scores,
     min_updates,
@@ -38,10 +39,10 @@ from aggregator.rules import (
     norm_clip,
     pairwise_sq_distances,
     reputation_weighted,
+    set_num_threads,
     trimmed_mean,
     validate_config,
 )
-from aggregator.rules._common import get_num_threads, set_num_threads
 
 # --------------------------------------------------------------------------- #
 # FedAvg
@@ -681,9 +682,9 @@ def test_textbook_other_robust_rules_resist():
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Force many small blocks and the multi-threaded path on small inputs."""
-    monkeypatch.setattr(common, "_BLOCK_ELEMS", 64)
-    monkeypatch.setattr(common, "_MIN_BLOCK_COLS", 3)
-    monkeypatch.setattr(common, "_PARALLEL_MIN_ELEMS", 1)
+    monkeypatch.setattr(runtime, "_BLOCK_ELEMS", 64)
+    monkeypatch.setattr(runtime, "_MIN_BLOCK_COLS", 3)
+    monkeypatch.setattr(runtime, "_PARALLEL_MIN_ELEMS", 1)
     old = get_num_threads()
     set_num_threads(3)
     yield
