@@ -115,11 +115,16 @@ class AttackPlan:
 
 def run_demo(settings: Settings, rounds: int, plot: str | Path, fresh: bool = True,
              round_timeout_s: float = 180.0, attack: AttackPlan | None = None) -> int:
+    own_redis = not os.environ.get("REDIS_URL")
     if fresh and settings.models_dir.exists():
         shutil.rmtree(settings.models_dir)  # the demo's own model versions; keys and logs are kept
+    if fresh and own_redis and (settings.data_dir / "redis").exists():
+        # A fresh experiment: no reputation, quarantine, history or campaign carried over from an earlier run (the
+        # embedded Redis persists to the data dir).
+        shutil.rmtree(settings.data_dir / "redis")
     started = time.time()
     stack = EmbeddedStack(settings, own_broker=not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
-                          own_redis=not os.environ.get("REDIS_URL"))
+                          own_redis=own_redis)
     print(f"fedguard demo: {settings.task}, {settings.num_devices} devices, {settings.devices_per_round} per round, "
           f"alpha {settings.dirichlet_alpha}, {rounds} rounds, rule {settings.rule}; logs in {stack.log_dir}")
     lines: list[RoundLine] = []

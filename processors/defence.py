@@ -18,7 +18,7 @@ Redis keys owned here (namespaced by ``Settings.redis_prefix``):
 
 | key | type | holds |
 |---|---|---|
-| ``fedguard:window:<window id>`` | string, expires (7 days) | the judged window (members' verdicts, stats, events) |
+| ``fedguard:window:<window id>:<members digest>`` | string, expires (7 days) | the judged window (members' verdicts, stats, events) |
 | ``fedguard:reputation:<id>`` | hash | ``trust`` (E of the beta reputation, read by the aggregator and the ensemble), ``state`` (JSON of :class:`Reputation`), ``updated_at`` |
 | ``fedguard:reputation:<id>:history`` | list | newest first, capped at ``HISTORY_LENGTH``: JSON per window (window, verdict, evidence, weight, flags, reasons, scores, trust after) |
 | ``fedguard:detector:history:<id>`` | string | the device's :class:`DeviceHistory` (sum of its sketches) |
@@ -28,6 +28,7 @@ Redis keys owned here (namespaced by ``Settings.redis_prefix``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -105,8 +106,12 @@ def global_sketch_key(settings: Settings) -> str:
     return settings.redis_key("detector", settings.model_id, "global_sketch")
 
 
-def window_key(settings: Settings, window_id: str) -> str:
-    return settings.redis_key("window", window_id)
+def window_key(settings: Settings, window_id: str, members: list[dict[str, Any]]) -> str:
+    """The judged window's key: its id and a digest of its members' update ids. The same window delivered again
+    (same members) finds its judgement; a window of the same id with other members (a model store started afresh
+    against a Redis that kept its state) is judged as the new window it is."""
+    digest = hashlib.sha256("\n".join(sorted(m["update_id"] for m in members)).encode()).hexdigest()[:16]
+    return settings.redis_key("window", window_id, digest)
 
 
 def quarantined_key(settings: Settings) -> str:
@@ -160,7 +165,8 @@ class WindowDefence:
     async def judge(self, window_id: str, members: list[dict[str, Any]], now: float | None = None) -> Judged:
         now = time.time() if now is None else now
         s = self.settings
-        stored = await self.redis.get(window_key(s, window_id))
+        key = window_key(s, window_id, members)
+        stored = await self.redis.get(key)
         if stored is not None:
             return _judged_from(stored)
         devices = [m["device_id"] for m in members]
@@ -219,7 +225,7 @@ class WindowDefence:
             plan["set"].append([global_sketch_key(s), sketch_codec.encode(mean.astype(np.float32))])
         judged = Judged(members=[_clean(o) for o in outcome], stats=_clean(stats), events=_clean(events))
         text = json.dumps({"members": judged.members, "stats": judged.stats, "events": judged.events})
-        earlier = await self._apply(keys=[window_key(s, window_id)],
+        earlier = await self._apply(keys=[key],
                                     args=[text, WINDOW_RECORD_TTL_S, json.dumps(plan)])
         return judged if earlier is None else _judged_from(earlier)
 
