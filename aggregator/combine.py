@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.rules import RULE_SPECS, AggregateResult, RuleConfigError, aggregate, min_updates, validate_config
+from fedguard.tasks import DEFAULT_TRAINING, TaskData, get_flat_params, local_train, set_flat_params
 
 
 @dataclass
@@ -47,6 +48,20 @@ def noise_generator(experiment_seed: int | None, version: int) -> tuple[np.rando
         return np.random.default_rng(), None
     seed = [int(experiment_seed), int(version)]
     return np.random.default_rng(seed), seed
+
+
+def server_update(task: TaskData, model: Any, params: np.ndarray, seed: int, version: int,
+                  root_size: int = 100) -> np.ndarray:
+    """FLTrust's server update (Cao et al. 2021, Alg. 1): the task's tuned local training (``DEFAULT_TRAINING``)
+    from ``params`` on a root dataset of ``root_size`` training samples drawn with ``default_rng(seed)``, training
+    seed ``version``; returns the delta in float64. ``model`` (of the task's shape) is overwritten."""
+    rng = np.random.default_rng(seed)
+    root = rng.choice(len(task.y_train), size=min(root_size, len(task.y_train)), replace=False)
+    hp = DEFAULT_TRAINING[task.name]
+    set_flat_params(model, params)
+    local_train(model, task.x_train[root], task.y_train[root], epochs=hp["epochs"], lr=hp["lr"],
+                batch_size=hp["batch_size"], seed=version, momentum=hp.get("momentum", 0.0))
+    return get_flat_params(model).astype(np.float64) - params
 
 
 class ConfiguredRule:

@@ -31,15 +31,15 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
-from aggregator.combine import ConfiguredRule, WindowInputs, noise_generator
+from aggregator.combine import ConfiguredRule, WindowInputs, noise_generator, server_update
 from aggregator.evaluation import Evaluator, parse_backdoors
 from aggregator.evaluation import export as export_metrics
 from aggregator.rules import PreconditionError
 from fedguard import records, registry
 from fedguard.modelstore import ModelStore, ModelVersion
 from fedguard.settings import Settings
-from fedguard.tasks import (DEFAULT_TRAINING, build_model, get_flat_params, load_task, local_train,
-                            model_spec, set_flat_params)
+from fedguard.tasks import build_model, get_flat_params, load_task, model_spec, set_flat_params
+from fedguard.weighting import admitted, sample_weights
 
 log = logging.getLogger("fedguard.aggregator")
 
@@ -132,7 +132,7 @@ class AggregatorService:
             return None
         started = time.perf_counter()
         # Members the window stage admitted (accept, or downweight with a weight in (0, 1)); rejected ones never count.
-        accepted = [m for m in window["members"] if m["verdict"] != "reject" and m.get("weight", 1.0) > 0]
+        accepted = [m for m in window["members"] if admitted(m["verdict"], m.get("weight", 1.0))]
         try:
             deltas = self.fetch_updates(accepted)
         except WindowFetchError as exc:
@@ -265,11 +265,10 @@ class AggregatorService:
             server_update=lambda: self._server_update(current),
             trust_scores=lambda: self._trust_scores(accepted))
 
-    def _sample_weights(self, admitted: list[dict[str, Any]]) -> np.ndarray:
+    def _sample_weights(self, members: list[dict[str, Any]]) -> np.ndarray:
         """FedAvg's weights: the claimed sample count, capped (a device chooses it), times the ensemble's weight."""
-        cap = float(self.settings.sample_count_cap or np.inf)
-        return np.array([min(float(m["num_samples"]), cap) * float(m.get("weight", 1.0)) for m in admitted],
-                        dtype=np.float64)
+        return sample_weights([float(m["num_samples"]) for m in members],
+                              [float(m.get("weight", 1.0)) for m in members], self.settings.sample_count_cap)
 
     def _previous_aggregate(self, current: ModelVersion) -> np.ndarray:
         """The last applied aggregate (centered clipping's starting point): v - parent(v), zero at version 0."""
@@ -280,13 +279,7 @@ class AggregatorService:
 
     def _server_update(self, current: ModelVersion, root_size: int = 100) -> np.ndarray:
         """FLTrust's server update (Cao et al. 2021, Alg. 1): the same local training on a small root dataset."""
-        rng = np.random.default_rng(self.settings.seed)
-        root = rng.choice(len(self.task.y_train), size=min(root_size, len(self.task.y_train)), replace=False)
-        hp = DEFAULT_TRAINING[self.task.name]
-        set_flat_params(self.model, current.params)
-        local_train(self.model, self.task.x_train[root], self.task.y_train[root], epochs=hp["epochs"], lr=hp["lr"],
-                    batch_size=hp["batch_size"], seed=current.version, momentum=hp.get("momentum", 0.0))
-        return get_flat_params(self.model).astype(np.float64) - current.params
+        return server_update(self.task, self.model, current.params, self.settings.seed, current.version, root_size)
 
     def _trust_scores(self, accepted: list[dict[str, Any]]) -> np.ndarray:
         """Trust per member from the Redis reputation hash (``trust``, in [0, 1]; 1.0 while a device has none)."""
