@@ -135,11 +135,12 @@ def _f(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python numbers, NaN and infinities to None (also for the window stage)."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
@@ -316,4 +317,4 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
         evidence = "reject" if verdict == "reject" else ("downweight" if vote_count else "accept")
         members.append(MemberVerdict(scores[i], flags, verdict, weight, reasons[i], evidence))
     stats["verdicts"] = {v: sum(m.verdict == v for m in members) for v in ("accept", "downweight", "reject")}
-    return WindowVerdict(members, _clean(stats))
+    return WindowVerdict(members, json_safe(stats))

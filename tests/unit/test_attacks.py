@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from fedguard.tasks import (Trigger, backdoor_eval_set, build_model, dirichlet_split, evaluate, get_flat_params,
                             load_task, local_train, model_spec, pixel_pattern, set_flat_params, target_rate)
@@ -19,12 +18,6 @@ from producers.attacks import (ATTACKS, PERTURBATIONS, AttackContext, alie, alie
                                validate_params)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------- model replacement / scaling

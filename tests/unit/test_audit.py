@@ -22,12 +22,6 @@ TRAIN = dict(epochs=3, lr=0.05, batch_size=32, momentum=0.9)
 FAST = AuditConfig(steps=100, audit_size=64, time_budget_s=30.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

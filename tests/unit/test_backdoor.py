@@ -11,12 +11,6 @@ from fedguard.tasks import (TaskData, Trigger, apply_trigger, backdoor_accuracy,
                             load_task, model_spec, pixel_pattern, target_rate)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _task(name: str, dim: int, n: int = 20, classes: int = 10, peak: float = 2.5) -> TaskData:

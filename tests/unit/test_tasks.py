@@ -30,13 +30,6 @@ from fedguard.tasks import (
 from fedguard.tasks import data as data_mod
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one thread is fastest and avoids oversubscription when other processes share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # ------------------------------------------------------------------------------------------------------ IDX
 
