@@ -4,8 +4,8 @@
    the composition layer;
 2. the services: ``producers``, ``processors``, ``aggregator``; each imports the core and its own package only,
    never another service, never the composition layer;
-3. the composition layer: the CLI, the embedded-stack launcher, the demo and the in-process simulation
-   (:data:`COMPOSITION`); it may import everything.
+3. the composition layer: the CLI, the embedded-stack launcher, the demo, the in-process simulation and
+   the evaluation matrix (:data:`COMPOSITION`); it may import everything.
 
 Imports are read with :mod:`ast` (at module level and inside functions alike), so a lazy import counts too.
 """
@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("producers", "processors", "aggregator")
-COMPOSITION = {"fedguard.cli", "fedguard.stack", "fedguard.demo", "fedguard.simulation"}
+COMPOSITION = {"fedguard.cli", "fedguard.stack", "fedguard.demo", "fedguard.simulation",
+               "fedguard.evaluation_matrix"}
 
 
 def modules() -> dict[str, Path]:
