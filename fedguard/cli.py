@@ -317,6 +317,11 @@ def cmd_rejected(args: argparse.Namespace) -> int:
 
     from fedguard import records
 
+    from fedguard.reasons import Reason
+
+    if args.reason and args.reason not in {r.value for r in Reason}:
+        print(f"fedguard: unknown reason code {args.reason!r}; `fedguard reasons` lists them", file=sys.stderr)
+        return 2
     settings = settings_from(args)
     from fedguard.topicio import read_until_idle
 
@@ -566,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=float, default=1.5)
     p.set_defaults(func=cmd_events)
 
+    from fedguard.evaluation_matrix import add_eval_parser  # fedguard eval: the attack x defence matrix
+    add_eval_parser(sub, _common)
     p = sub.add_parser("reasons", help="the reason codes of rejected records and what each means")
     p.add_argument("--markdown", action="store_true", help="the table of docs/reason-codes.md")
     p.set_defaults(func=cmd_reasons)
@@ -590,7 +597,45 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command in ("processors", "aggregator", "fleet"):
         logging.getLogger("fedguard").setLevel(logging.INFO)
-    return args.func(args)
+    else:  # one-shot commands: the Kafka client's own reconnect logging would bury the one-line error below
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # an operational error a user can fix: one line with a hint, not a traceback
+        message = explain(exc, args)
+        if message is None:
+            raise
+        print(f"fedguard: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def explain(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for the errors a user can act on (a service not reachable, a bad setting); None for bugs."""
+    import kafka.errors as kafka_errors
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from aggregator.rules import RuleConfigError
+
+    try:
+        settings = settings_from(args)
+    except ValueError as bad:
+        return f"{bad} (check the FEDGUARD_* variables and flags; fedguard {args.command} --help)"
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        return (f"cannot reach Redis at {settings.redis_url}; start the stack with `fedguard up`, or point "
+                f"REDIS_URL at a running Redis")
+    # (the class names differ between kafka-python versions)
+    unreachable = tuple(getattr(kafka_errors, name) for name in ("NoBrokersAvailable", "KafkaConnectionError")
+                        if hasattr(kafka_errors, name))
+    if isinstance(exc, unreachable) or (
+            isinstance(exc, kafka_errors.KafkaTimeoutError) and "bootstrap" in str(exc).lower()):
+        return (f"cannot reach the Kafka broker at {settings.kafka_bootstrap}; start the stack with `fedguard up`, "
+                f"or point KAFKA_BOOTSTRAP_SERVERS at a running Kafka")
+    if isinstance(exc, RuleConfigError):
+        return f"{exc} (set it with --rule / FEDGUARD_RULE and --rule-params / FEDGUARD_RULE_PARAMS)"
+    return None
 
 
 if __name__ == "__main__":

@@ -25,3 +25,18 @@ def test_attack_flags():
     assert (args.attack, args.fraction, args.attack_start) == ("sybil", 0.3, 2)
     for kind in ATTACKS:
         assert build_parser().parse_args(["attack", kind]).kind == kind
+
+
+def test_operational_errors_are_one_line_with_a_hint_and_a_non_zero_exit(capsys, monkeypatch):
+    from fedguard.cli import main
+
+    assert main(["attack", "status", "--redis-port", "1"]) == 1  # nothing listens on port 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach Redis" in err[0] and "fedguard up" in err[0]
+    assert main(["rejected", "--reason", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fedguard reasons" in err[0]
+    monkeypatch.setenv("FEDGUARD_DETECTION", "bogus")
+    assert main(["attack", "status"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "detection must be one of" in err[0]
