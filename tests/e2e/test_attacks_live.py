@@ -80,14 +80,17 @@ def test_every_attack_kind_sends_valid_insider_updates_that_reach_a_window(setti
 def test_demo_with_single_shot_model_replacement_captures_fedavg(tmp_path):
     """Bagdasaryan et al. (2020): one model-replacement update captures a FedAvg model. Without the defences
     (``FEDGUARD_DETECTION=none``, rule fedavg) the version after the attack round has backdoor accuracy >= 90%. The
-    attacker trains 6 local epochs, as in the paper's setup (honest devices of the synthetic task train 2)."""
+    attacker trains 6 local epochs, as in the paper's setup (honest devices of the synthetic task train 2), on the
+    plain backdoor loss (class weight 1.0, the paper's single shot; the anomaly-evasion loss is for slipping past
+    detectors, which are off here, and its smaller update reached 0.86-0.87 in two of five runs). The compromised
+    devices are drawn with OS entropy, so each run sees another draw."""
     env = {**os.environ, **to_env_for_up(tmp_path), "FEDGUARD_DETECTION": "none"}
     for name in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL"):
         env.pop(name, None)
     plot = tmp_path / "attack.png"
     out = subprocess.run([sys.executable, "-m", "fedguard.cli", "demo", "--rounds", "7", "--task", "synthetic",
                           "--devices", "10", "--per-round", "5", "--rule", "fedavg", "--attack", "model_replacement",
-                          "--fraction", "0.3", "--attack-start", "4", "--attack-params", '{"epochs": 6}',
+                          "--fraction", "0.3", "--attack-start", "4", "--attack-params", '{"epochs": 6, "class_weight": 1.0}',
                           "--plot", str(plot)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
