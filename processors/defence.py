@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -272,3 +272,55 @@ class WindowDefence:
 def _judged_from(stored: str) -> Judged:
     obj = json.loads(stored)
     return Judged(members=obj["members"], stats=obj["stats"], events=obj["events"], replayed=True)
+
+
+# -- operators ----------------------------------------------------------------------------------------------------
+
+def device_report(client, settings: Settings, device_id: str, last: int = 10) -> dict[str, Any]:
+    """What an operator needs to see why a device is trusted or not: registry entry, reputation, last windows."""
+    entry = registry.get_device(client, settings, device_id)
+    if entry is None:
+        raise KeyError(f"device {device_id!r} is not enrolled (fedguard devices list shows the fleet)")
+    rep_hash = client.hgetall(reputation_key(settings, device_id))
+    rep = load_reputation(rep_hash.get("state"))
+    history = [json.loads(item) for item in client.lrange(reputation_history_key(settings, device_id), 0, last - 1)]
+    return {"device_id": device_id, "status": entry.get("status"), "status_reason": entry.get("status_reason", ""),
+            "fingerprint": registry.fingerprint(entry["public_key"]) if entry.get("public_key") else None,
+            "trust": expectation(rep), "reputation": json.loads(rep.to_json()),
+            "auto_quarantined": bool(client.sismember(quarantined_key(settings), device_id)),
+            "history": history}
+
+
+def operator_quarantine(client, settings: Settings, device_id: str, reason: str) -> None:
+    """Quarantine by hand: the validator refuses the device's updates until an operator releases it (the probation
+    timer releases only devices that reputation quarantined)."""
+    entry = registry.get_device(client, settings, device_id)
+    if entry is None:
+        raise KeyError(f"device {device_id!r} is not enrolled")
+    if entry.get("status") == registry.REVOKED:
+        raise ValueError(f"device {device_id!r} is revoked; revocation is terminal")
+    registry.set_device_status(client, settings, device_id, registry.QUARANTINED, f"operator: {reason}".strip())
+    client.srem(quarantined_key(settings), device_id)
+    registry.audit(client, settings, "quarantine", device_id, reason)
+
+
+def operator_release(client, settings: Settings, device_id: str, params: ReputationParams | None = None) -> float:
+    """Release by hand: active again, on probation (evidence restarted as after an automatic release). Returns the
+    device's trust after release."""
+    params = params or ReputationParams(probation_s=settings.quarantine_probation_s)
+    entry = registry.get_device(client, settings, device_id)
+    if entry is None:
+        raise KeyError(f"device {device_id!r} is not enrolled")
+    if entry.get("status") != registry.QUARANTINED:
+        raise ValueError(f"device {device_id!r} is {entry.get('status')}, not quarantined")
+    rep = load_reputation(client.hget(reputation_key(settings, device_id), "state"))
+    # Released as the probation timer releases: from a quarantined state, whatever reputation alone had decided.
+    quarantined = replace(rep, status="quarantined", quarantined_at=rep.quarantined_at or 0.0)
+    released, _ = maybe_release(quarantined, float("inf"), params)
+    trust = expectation(released)
+    client.hset(reputation_key(settings, device_id), mapping={"state": released.to_json(), "trust": repr(trust),
+                                                               "updated_at": repr(time.time())})
+    client.srem(quarantined_key(settings), device_id)
+    registry.set_device_status(client, settings, device_id, registry.ACTIVE, "operator: released")
+    registry.audit(client, settings, "release", device_id, f"trust {trust:.3f}, on probation")
+    return trust

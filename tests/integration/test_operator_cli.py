@@ -118,3 +118,32 @@ def test_flood_injection_seals_authentic_updates_with_fresh_sequence_numbers(set
     seqs = [h.seq for h in headers]
     assert seqs == sorted(set(seqs))
     assert Keystore.load(settings.keystore_path).devices["dev-0004"].seq == seqs[-1]
+
+
+def test_quarantine_show_and_release_through_the_cli(settings, run):
+    """Operator quarantine and release (issue 9, item 3) on a real Redis: the registry status the validator reads
+    changes, the device report explains it, a revoked device cannot be quarantined or released."""
+    from processors.defence import reputation_key
+
+    assert run("init")[0] == 0
+    client = registry.connect(settings)
+
+    code, out = run("devices", "quarantine", "dev-0003", "--reason", "suspicious")
+    assert code == 0 and "quarantined" in out
+    assert registry.get_device(client, settings, "dev-0003")["status"] == registry.QUARANTINED
+    assert client.get(registry.auth_key(settings, "dev-0003")).startswith("quarantined ")  # what admission reads
+
+    code, out = run("devices", "show", "dev-0003")
+    assert code == 0 and "quarantined (operator: suspicious)" in out and "trust 0.500" in out
+
+    code, out = run("devices", "release", "dev-0003")
+    assert code == 0 and "released on probation" in out
+    assert registry.get_device(client, settings, "dev-0003")["status"] == registry.ACTIVE
+    assert client.get(registry.auth_key(settings, "dev-0003")).startswith("active ")
+    assert float(client.hget(reputation_key(settings, "dev-0003"), "trust")) < 0.3  # on probation: down-weighted
+    assert run("devices", "release", "dev-0003")[0] == cli.EXIT_FAILURE  # not quarantined any more
+
+    assert run("devices", "revoke", "dev-0004")[0] == 0
+    code, out = run("devices", "quarantine", "dev-0004")
+    assert code == cli.EXIT_FAILURE and "revocation is terminal" in out
+    assert run("devices", "show", "dev-9999")[0] == cli.EXIT_FAILURE
