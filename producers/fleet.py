@@ -29,11 +29,12 @@ from fedguard.keys import private_from_hex, public_from_hex
 from fedguard.modelstore import load_weights
 from fedguard.settings import Settings
 from fedguard.topicio import consumer_from_beginning
-from fedguard.tasks import (DEFAULT_TRAINING, build_model, configure_torch, dirichlet_split,  # noqa: F401
+from fedguard.tasks import (DEFAULT_TRAINING, build_model, configure_torch,  # noqa: F401
                             get_flat_params, load_task, local_train, model_spec, set_flat_params)
 from producers import campaign as campaign_mod
 from producers.enroll import device_ids
 from producers.keystore import Keystore
+from producers.sampling import fleet_shards, training_seed
 
 log = logging.getLogger("fedguard.fleet")
 
@@ -71,11 +72,8 @@ class Fleet:
         self.task = load_task(settings.task, seed=settings.seed)
         self.spec = model_spec(self.task)
         self.model = build_model(self.spec, seed=settings.seed)
-        rng = np.random.default_rng(settings.seed)
-        # Small data sets (digits: ~14 samples per device at 100 devices) cannot give every shard 10 samples.
-        min_size = max(1, min(10, len(self.task.y_train) // (3 * settings.num_devices)))
-        self.shards = dirichlet_split(self.task.y_train, settings.num_devices, settings.dirichlet_alpha, rng,
-                                      min_size=min_size)
+        # The same split and training seeds as the in-process simulation (producers/sampling.py).
+        self.shards = fleet_shards(self.task.y_train, settings.num_devices, settings.dirichlet_alpha, settings.seed)
         defaults = DEFAULT_TRAINING[self.task.name]
         self.epochs = settings.local_epochs or defaults["epochs"]
         self.lr = settings.local_lr or defaults["lr"]
@@ -183,7 +181,7 @@ class Fleet:
         return acknowledged
 
     def _seed(self, version: int, index: int) -> int:
-        return (self.settings.seed * 1_000_003 + version * 1009 + index) % 2**31
+        return training_seed(self.settings.seed, version, index)
 
     def _campaign(self, version: int) -> "campaign_mod.Campaign | None":
         """The running poisoning campaign if it fires in this round (one Redis read per round)."""
