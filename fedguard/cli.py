@@ -1,24 +1,30 @@
-"""The ``fedguard`` command line.
+"""fedguard: streaming federated learning that does not trust its devices.
 
-    fedguard up                 the embedded stack: broker, Redis, processors, aggregator, device fleet
-    fedguard demo               the stack for R rounds with a progress bar, a summary and an accuracy plot
-    fedguard init               one-shot set-up: topics, server key, operator credential, device enrollment
-    fedguard devices enroll     key pairs for N devices, public keys into the Redis registry (operator credential)
-    fedguard devices revoke|rotate ID   revoke a device / give it a new key (operator credential)
-    fedguard devices list       the registry: status and key fingerprint of each device
-    fedguard devices show ID    a device's trust, reputation and its last windows' verdicts with reasons
-    fedguard devices quarantine|release ID   by hand (operator credential); reputation does it automatically
-    fedguard inject KIND        attack traffic on the raw topic of a running pipeline (garbage, tamper, replay, flood)
-    fedguard attack KIND        insider poisoning: compromise a fraction of the enrolled devices (status, stop)
-    fedguard rejected           the dead-letter topic: counts by reason code and the last records with their detail
-    fedguard events             the security events on fl.events
-    fedguard reasons            the reason codes and what each means
-    fedguard topics             create the topics with explicit partition counts
-    fedguard processors|aggregator|fleet   one service (what `up` starts as child processes)
+Run it:
+  fedguard up                  the embedded stack (broker, Redis, Prometheus, services, device fleet) until Ctrl-C
+  fedguard demo                the stack for R rounds: progress, summary, accuracy plot (--attack KIND to attack it)
+  fedguard watch               a live terminal view of a running stack
+Attack it:
+  fedguard attack KIND         insider poisoning: compromise a fraction of the enrolled devices (status, stop)
+  fedguard inject KIND         channel attacks on the raw topic (garbage, tamper, replay, flood)
+See what happened:
+  fedguard rejected            dead-letter records: counts by reason code, the last ones with detail
+  fedguard events              security events (flags, quarantines, replays, rate limits)
+  fedguard reasons             the reason codes and what each means
+  fedguard devices show ID     a device's trust and its last windows' verdicts
+Operate:
+  fedguard init                topics, server key, operator credential, device enrollment
+  fedguard devices enroll|revoke|rotate|list|quarantine|release
+  fedguard grafana push        upload the dashboards to a Grafana (GRAFANA_URL, GRAFANA_TOKEN)
+Measure:
+  fedguard eval                the attack x defence matrix, in process: tables, heat maps, curves
+Services (what `up` starts):
+  fedguard processors|aggregator|fleet
 
-Every setting comes from ``FEDGUARD_*`` variables (see fedguard/settings.py); the common ones are flags too.
-
-Exit codes: 0 success, 1 failure (e.g. an unknown device), 2 usage error, 3 operator credential missing or rejected.
+Settings come from FEDGUARD_* variables (fedguard/settings.py); the common ones are flags of the commands that use
+them. `fedguard COMMAND --help` shows a command's own flags.
+Exit codes: 0 success, 1 failure (e.g. an unknown device, a service not reachable), 2 usage error,
+3 operator credential missing or rejected.
 """
 
 from __future__ import annotations
@@ -37,26 +43,41 @@ EXIT_FAILURE = 1
 EXIT_UNAUTHORIZED = 3
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("settings (default: FEDGUARD_* environment variables)")
+def _connection(parser: argparse.ArgumentParser) -> None:
+    """The flags every command that talks to a stack has: where it lives."""
+    g = parser.add_argument_group("stack (default: FEDGUARD_* environment variables)")
     g.add_argument("--data-dir", help="where keys, model versions and logs live (default .fedguard)")
-    g.add_argument("--task", choices=("fashion-mnist", "digits", "synthetic"))
+    g.add_argument("--broker-port", type=int, help="the embedded broker's port (default 19092; or set "
+                                                   "KAFKA_BOOTSTRAP_SERVERS)")
+    g.add_argument("--redis-port", type=int, help="the embedded Redis's port (default 16379; or set REDIS_URL)")
+    g.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def _training(parser: argparse.ArgumentParser) -> None:
+    """The flags of the commands that train or aggregate: the task, the fleet, the window and the rule."""
+    g = parser.add_argument_group("training (default: FEDGUARD_* environment variables)")
+    g.add_argument("--task", choices=("fashion-mnist", "digits", "synthetic"), help="data set and model")
     g.add_argument("--devices", dest="num_devices", type=int, help="number of simulated devices")
     g.add_argument("--per-round", dest="devices_per_round", type=int, help="devices sampled per round")
-    g.add_argument("--alpha", dest="dirichlet_alpha", type=float, help="Dirichlet alpha of the non-IID split")
-    g.add_argument("--window-size", type=int, help="window closes at this many updates")
-    g.add_argument("--window-deadline", dest="window_deadline_s", type=float, help="... or after this many seconds")
-    g.add_argument("--local-epochs", type=int)
-    g.add_argument("--local-lr", type=float)
-    g.add_argument("--local-batch-size", type=int)
-    g.add_argument("--rule", help="aggregation rule: fedavg, norm_clip, coordinate_median, trimmed_mean, krum, "
-                   "multi_krum, geometric_median, bulyan, centered_clipping, fltrust, flame, dp_gaussian, "
-                   "reputation_weighted")
+    g.add_argument("--alpha", dest="dirichlet_alpha", type=float, help="Dirichlet alpha of the non-IID split "
+                                                                       "(smaller: less alike devices)")
+    g.add_argument("--window-size", type=int, help="a window closes at this many updates")
+    g.add_argument("--window-deadline", dest="window_deadline_s", type=float,
+                   help="... or this many seconds after its first update")
+    g.add_argument("--local-epochs", type=int, help="local training epochs per round")
+    g.add_argument("--local-lr", type=float, help="local learning rate")
+    g.add_argument("--local-batch-size", type=int, help="local batch size")
+    g.add_argument("--rule", help="aggregation rule (default norm_clip): fedavg, norm_clip, coordinate_median, "
+                   "trimmed_mean, krum, multi_krum, geometric_median, bulyan, centered_clipping, fltrust, flame, "
+                   "dp_gaussian, reputation_weighted")
     g.add_argument("--rule-params", help='JSON object of the rule\'s parameters, e.g. \'{"f": 2}\'')
-    g.add_argument("--seed", type=int)
-    g.add_argument("--broker-port", type=int)
-    g.add_argument("--redis-port", type=int)
-    g.add_argument("-v", "--verbose", action="store_true")
+    g.add_argument("--seed", type=int, help="seed of the data split and local training (not of protective "
+                                            "randomness, which comes from the OS)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _connection(parser)
+    _training(parser)
 
 
 _SETTING_ARGS = ("data_dir", "task", "num_devices", "devices_per_round", "dirichlet_alpha", "window_size",
@@ -465,9 +486,20 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     return _run_service(Fleet(settings), stop)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedguard")
+    except PackageNotFoundError:  # (run from a source tree that was never installed)
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedguard", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fedguard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fedguard {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     p = sub.add_parser("up", help="run the embedded stack until Ctrl-C")
     _common(p)
@@ -493,45 +525,55 @@ def build_parser() -> argparse.ArgumentParser:
                                              "$FEDGUARD_OPERATOR_TOKEN or <data dir>/operator.token)")
     dsub = devices.add_subparsers(dest="devices_command", required=True)
     p = dsub.add_parser("enroll", help="key pairs for N devices; public keys into the Redis registry")
-    _common(p)
+    _connection(p)
     p.add_argument("--count", type=int, required=True)
     p.set_defaults(func=cmd_enroll)
     p = dsub.add_parser("revoke", help="revoke a device: its updates are rejected 'revoked' from now on")
-    _common(p)
+    _connection(p)
     p.add_argument("device_id")
     p.add_argument("--reason", default="", help="why (kept in the registry and the audit list)")
     p.set_defaults(func=cmd_revoke)
     p = dsub.add_parser("rotate", help="give a device a new key pair (or the public key it made itself)")
-    _common(p)
+    _connection(p)
     p.add_argument("device_id")
     p.add_argument("--public-key", help="hex X25519 public key generated on the device; default: a new pair in "
                                         "the key store")
     p.set_defaults(func=cmd_rotate)
     p = dsub.add_parser("show", help="why a device is trusted or not: reputation and its last windows' verdicts")
-    _common(p)
+    _connection(p)
     p.add_argument("device_id")
     p.add_argument("--last", type=int, default=10, help="how many of its last windows to show")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
     p = dsub.add_parser("quarantine", help="quarantine a device by hand (its updates are rejected 'quarantined')")
-    _common(p)
+    _connection(p)
     p.add_argument("device_id")
     p.add_argument("--reason", default="", help="why (kept in the registry and the audit list)")
     p.set_defaults(func=cmd_quarantine)
     p = dsub.add_parser("release", help="release a quarantined device on probation")
-    _common(p)
+    _connection(p)
     p.add_argument("device_id")
     p.set_defaults(func=cmd_release)
     p = dsub.add_parser("list", help="enrolled devices: status, key fingerprint, last sequence number")
-    _common(p)
+    _connection(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("inject", help="send attack traffic to the raw topic of a running pipeline")
-    _common(p)
-    p.add_argument("kind", choices=("garbage", "tamper", "replay", "flood"))
-    p.add_argument("--count", type=int, default=10)
-    p.add_argument("--device", default="dev-0000", help="flood: the enrolled device that floods (from the key store)")
+    p = sub.add_parser("inject", help="send channel attack traffic to the raw topic of a running pipeline",
+                       description="Channel attacks on the raw topic; the validator rejects each record with a reason code "
+                       "(`fedguard rejected` shows them) while honest traffic keeps flowing. Kinds: garbage: COUNT "
+                       "records of random bytes; tamper: COUNT real updates captured from the raw topic with one "
+                       "ciphertext bit flipped; replay: COUNT real updates captured from the raw topic, sent again "
+                       "unchanged; flood: one enrolled device (--device) sends COUNT authentic updates as fast as "
+                       "it can (rate_limited past its token bucket, window_duplicate past one per window). "
+                       "Poisoned updates from enrolled devices: `fedguard attack`.")
+    _connection(p)
+    p.add_argument("--task", choices=("fashion-mnist", "digits", "synthetic"), help="the model whose size "
+                   "flood updates have")
+    p.add_argument("kind", choices=("garbage", "tamper", "replay", "flood"), help="garbage, tamper, replay or flood")
+    p.add_argument("--count", type=int, default=10, help="how many records to send (default 10)")
+    p.add_argument("--device", default="dev-0000", help="flood: the enrolled device that floods (its key from the "
+                   "fleet's key store; default dev-0000)")
     p.set_defaults(func=cmd_inject)
 
     from producers.attacks import ATTACKS
@@ -541,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "send poisoned updates from the next round on. Kinds: " +
                        "; ".join(f"{name}: {spec.summary}" for name, spec in ATTACKS.items()) +
                        ". 'status' shows the running campaign, 'stop' ends it.")
-    _common(p)
+    _connection(p)
+    p.add_argument("--devices", dest="num_devices", type=int, help="size of the fleet the fraction is taken of (default: FEDGUARD_NUM_DEVICES)")
     p.add_argument("kind", choices=(*ATTACKS, "status", "stop"), metavar="KIND|status|stop")
     p.add_argument("--fraction", type=float, default=0.2, help="share of the fleet compromised (default 0.2)")
     p.add_argument("--start-round", type=int, help="first base version attacked (default: the next round)")
@@ -558,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("rejected", help="dead-letter records: counts by reason code, the last ones with detail")
-    _common(p)
+    _connection(p)
     p.add_argument("--last", type=int, default=10, help="how many of the latest records to print")
     p.add_argument("--reason", help="only this reason code")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
@@ -566,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rejected)
 
     p = sub.add_parser("events", help="security events on fl.events (rate limits, ingress bound, replays)")
-    _common(p)
+    _connection(p)
     p.add_argument("--last", type=int, default=20)
     p.add_argument("--idle", type=float, default=1.5)
     p.set_defaults(func=cmd_events)
@@ -578,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reasons)
 
     p = sub.add_parser("topics", help="create the topics")
-    _common(p)
+    _connection(p)
     p.set_defaults(func=cmd_topics)
 
     for name, func in (("processors", cmd_processors), ("aggregator", cmd_aggregator), ("fleet", cmd_fleet)):
