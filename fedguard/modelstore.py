@@ -2,6 +2,13 @@
 
 The metadata file is written last (atomically, by rename), so it is the commit point: a version whose JSON exists
 is complete, and a restart resumes from the highest one.
+
+Retention (:func:`weights_to_keep`, :meth:`ModelStore.prune`): the metadata of every version is kept for ever (the
+lineage: parent, window, rule, members, audit verdict; a few kB each), the weights only of the versions that serving,
+training and an operator's rollback can need: the last ``keep_last`` versions (devices train from the latest, a stale
+update's base is at most ``max_staleness`` back, the aggregator reads the current version's parent), every
+``keep_every``-th version as a checkpoint, version 0, and versions pinned in their metadata (``"pinned": true``,
+e.g. the audit's last clean versions). Without it the demo's model store grows ~1.1 GB per hour.
 """
 
 from __future__ import annotations
@@ -47,6 +54,21 @@ def load_weights(path: str | Path, sha256: str | None = None) -> np.ndarray:
     return st_load(data)[_TENSOR]
 
 
+class WeightsPruned(LookupError):
+    """The version's metadata exists but retention deleted its weights."""
+
+
+def weights_to_keep(versions: list[int], keep_last: int, keep_every: int, pinned: set[int] | frozenset = frozenset()
+                    ) -> set[int]:
+    """The versions whose weights retention keeps: the last ``keep_last``, every ``keep_every``-th (0 included),
+    and ``pinned``. ``keep_last`` >= 1: the latest version is always kept."""
+    if keep_last < 1 or keep_every < 1:
+        raise ValueError(f"keep_last and keep_every must be >= 1 (got {keep_last}, {keep_every})")
+    ordered = sorted(versions)
+    keep = set(ordered[-keep_last:]) | {v for v in ordered if v % keep_every == 0}
+    return keep | (set(pinned) & set(ordered))
+
+
 class ModelStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -73,7 +95,30 @@ class ModelStore:
 
     def load(self, version: int) -> ModelVersion:
         meta = self.meta(version)
+        if not Path(meta["path"]).exists():
+            raise WeightsPruned(f"the weights of version {version} were deleted by the model store's retention "
+                                f"(its metadata is kept); roll back to a version that has them")
         return ModelVersion(meta=meta, params=load_weights(meta["path"], meta["sha256"]))
+
+    def has_weights(self, version: int) -> bool:
+        return self._stem(version).with_suffix(".safetensors").exists()
+
+    def prune(self, keep_last: int, keep_every: int) -> list[int]:
+        """Delete the weights retention does not keep (see the module docstring); returns the versions pruned.
+        Metadata files stay; a version pinned in its metadata keeps its weights."""
+        versions = self.versions()
+        candidates = [v for v in versions if self.has_weights(v)]
+        if not candidates:
+            return []
+        keep = weights_to_keep(versions, keep_last, keep_every)
+        pinned = {v for v in candidates if v not in keep and self.meta(v).get("pinned")}
+        pruned = [v for v in candidates if v not in keep and v not in pinned]
+        for v in pruned:
+            self._stem(v).with_suffix(".safetensors").unlink(missing_ok=True)
+        return pruned
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
 
     def latest(self) -> ModelVersion | None:
         versions = self.versions()
