@@ -114,13 +114,34 @@ def cmd_up(args: argparse.Namespace) -> int:
           f"{'$' + TOKEN_ENV if os.environ.get(TOKEN_ENV) else token_path(settings)}")
     print(f"  logs in {stack.log_dir}; a process that exits is restarted (docs/operations.md); Ctrl-C stops "
           f"everything", flush=True)
+    annotator = _start_annotator(settings)
     try:
         while not stop.wait(1.0):  # only Ctrl-C or SIGTERM ends this loop
             stack.supervise()
     finally:
+        if annotator is not None:
+            annotator[1].set()
+            annotator[0].join(10)
         stack.stop()
     print("fedguard stopped")
     return 0
+
+
+def _start_annotator(settings: Settings):
+    """Grafana annotations of the pipeline's happenings when GRAFANA_URL is set (docs/grafana.md); a wrong
+    credential or URL is one warning line, not a stopped stack."""
+    if not os.environ.get("GRAFANA_URL"):
+        return None
+    from fedguard import annotator
+    from fedguard.grafana import GrafanaError
+
+    try:
+        started = annotator.start_thread(settings)
+    except GrafanaError as exc:
+        print(f"fedguard: no Grafana annotations: {exc}", flush=True)
+        return None
+    print(f"  grafana annotations to {os.environ['GRAFANA_URL']} (attacks, quarantines, rule changes)", flush=True)
+    return started
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -437,6 +458,18 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grafana_push(args: argparse.Namespace) -> int:
+    from fedguard import grafana
+
+    client = grafana.connect(args.url)  # None: GRAFANA_URL with GRAFANA_TOKEN or GRAFANA_USER/GRAFANA_PASSWORD
+    pushed = grafana.push_dashboards(client, args.dir or grafana.DASHBOARDS_DIR, folder=args.folder,
+                                     datasource_uid=args.datasource_uid)
+    for title, _uid, url in pushed:
+        print(f"{title:<32} {url}")
+    print(f"{len(pushed)} dashboards pushed to folder {args.folder!r}")
+    return 0
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     from fedguard.stack import create_topics
 
@@ -446,9 +479,17 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_processors(args: argparse.Namespace) -> int:
-    from processors.worker import run_worker
+    from processors.worker import run_worker, run_workers
 
-    run_worker(settings_from(args), web_port=args.web_port, metrics_port=args.metrics_port)
+    settings = settings_from(args)
+    count = settings.processors_workers if args.workers is None else args.workers
+    if count < 1:
+        print(f"fedguard processors: --workers must be at least 1, got {count} (or set FEDGUARD_PROCESSORS_WORKERS)",
+              file=sys.stderr)
+        return 2
+    if count > 1:  # a parent process that runs and restarts `count` single workers
+        return run_workers(settings, count, web_port=args.web_port, metrics_port=args.metrics_port)
+    run_worker(settings, web_port=args.web_port, metrics_port=args.metrics_port)
     return 0
 
 
@@ -620,6 +661,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="the table of docs/reason-codes.md")
     p.set_defaults(func=cmd_reasons)
 
+    from fedguard import grafana as grafana_defaults
+
+    grafana_p = sub.add_parser("grafana", help="Grafana from Python: upload the dashboards to a running Grafana",
+                               description="Talks to an existing Grafana (GRAFANA_URL; credential GRAFANA_TOKEN, a "
+                               "service account token, or GRAFANA_USER and GRAFANA_PASSWORD). `fedguard up` also "
+                               "annotates the dashboards (attack started or stopped, device quarantined or released, "
+                               "rule changed) when GRAFANA_URL is set. docs/grafana.md.")
+    gsub = grafana_p.add_subparsers(dest="grafana_command", required=True, metavar="push")
+    p = gsub.add_parser("push", help="upload monitoring/grafana/dashboards into a folder of the Grafana")
+    p.add_argument("--url", help="Grafana's root URL (default: $GRAFANA_URL)")
+    p.add_argument("--folder", default=grafana_defaults.DEFAULT_FOLDER, help="folder to create or reuse "
+                   f"(default {grafana_defaults.DEFAULT_FOLDER!r})")
+    p.add_argument("--datasource-uid", default=grafana_defaults.PROVISIONED_DATASOURCE_UID,
+                   help="uid of that Grafana's Prometheus data source the panels will query "
+                        f"(default {grafana_defaults.PROVISIONED_DATASOURCE_UID!r}, the one compose provisions)")
+    p.add_argument("--dir", help="directory of dashboard JSON files (default: the repository's)")
+    p.set_defaults(func=cmd_grafana_push)
+
     p = sub.add_parser("topics", help="create the topics")
     _connection(p)
     p.set_defaults(func=cmd_topics)
@@ -630,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--metrics-port", type=int)
         if name == "processors":
             p.add_argument("--web-port", type=int, help="Faust's web server port (one per worker)")
+            p.add_argument("--workers", type=int, help="Faust worker processes sharing the partitions (default 1, "
+                           "or FEDGUARD_PROCESSORS_WORKERS); worker i uses --web-port and --metrics-port + i")
         p.set_defaults(func=func)
     return parser
 
@@ -676,6 +737,10 @@ def explain(exc: BaseException, args: argparse.Namespace) -> str | None:
             isinstance(exc, kafka_errors.KafkaTimeoutError) and "bootstrap" in str(exc).lower()):
         return (f"cannot reach the Kafka broker at {settings.kafka_bootstrap}; start the stack with `fedguard up`, "
                 f"or point KAFKA_BOOTSTRAP_SERVERS at a running Kafka")
+    from fedguard.grafana import GrafanaError
+
+    if isinstance(exc, GrafanaError):  # (already one line with a hint)
+        return str(exc)
     if isinstance(exc, RuleConfigError):
         return f"{exc} (set it with --rule / FEDGUARD_RULE and --rule-params / FEDGUARD_RULE_PARAMS)"
     return None
