@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from prometheus_client import Gauge
+from prometheus_client import Gauge, Histogram
 from torch import nn
 
 from fedguard.tasks import TaskData, evaluate
@@ -21,6 +21,12 @@ from fedguard.tasks.backdoor import Trigger, backdoor_eval_set, pixel_pattern, t
 BACKDOOR_ACCURACY = Gauge("fedguard_model_backdoor_accuracy",
                           "Backdoor accuracy (attack success rate) of the current global model, per configured trigger",
                           ["backdoor"])
+# Every evaluated version, observed once when it is published (the gauge above only shows what a scrape happens to
+# see); fine buckets at the low end, where a backdoor starts to take hold.
+BACKDOOR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+VERSION_BACKDOOR_ACCURACY = Histogram("fedguard_version_backdoor_accuracy", "Backdoor accuracy (attack success rate) "
+                                      "of every published version, per configured trigger", ["backdoor"],
+                                      buckets=BACKDOOR_BUCKETS)
 
 TRIGGER_KINDS = ("pixel_pattern",)
 
@@ -71,3 +77,15 @@ class Evaluator:
 def export(metrics: dict) -> None:
     for name, rate in metrics.get("backdoor", {}).items():
         BACKDOOR_ACCURACY.labels(name).set(rate)
+
+
+def observe_backdoors(metrics: dict) -> None:
+    """Observe a new version's backdoor accuracy for each configured trigger (once per version)."""
+    for name, rate in metrics.get("backdoor", {}).items():
+        VERSION_BACKDOOR_ACCURACY.labels(name).observe(rate)
+
+
+def declare_backdoors(triggers: list[Trigger]) -> None:
+    """Create each trigger's histogram series at zero, so the first version's observation is visible to rate()."""
+    for trigger in triggers:
+        VERSION_BACKDOOR_ACCURACY.labels(trigger.name)

@@ -29,10 +29,12 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from aggregator.combine import ConfiguredRule, WindowInputs, noise_generator, server_update
-from aggregator.evaluation import Evaluator, parse_backdoors
+from aggregator.evaluation import Evaluator, declare_backdoors, observe_backdoors, parse_backdoors
 from aggregator.evaluation import export as export_metrics
 from aggregator.rules import PreconditionError
 from fedguard import records, registry
@@ -43,20 +45,106 @@ from fedguard.weighting import admitted, sample_weights
 
 log = logging.getLogger("fedguard.aggregator")
 
-MODEL_VERSION = Gauge("fedguard_model_version", "Current global model version")
-ACCURACY = Gauge("fedguard_model_accuracy", "Test accuracy of the current global model")
-LOSS = Gauge("fedguard_model_loss", "Test loss of the current global model")
+# The latest version's gauges carry the model id: a labelled gauge has no sample until it is set, so a restarted
+# aggregator exports nothing (not 0) until it has read its latest version from the store (at construction).
+MODEL_VERSION = Gauge("fedguard_model_version", "Current global model version", ["model_id"])
+ACCURACY = Gauge("fedguard_model_accuracy", "Test accuracy of the current global model", ["model_id"])
+LOSS = Gauge("fedguard_model_loss", "Test loss of the current global model", ["model_id"])
+RULE_INFO = Gauge("fedguard_model_rule_info", "1 for the aggregation rule of the latest version", ["rule"])
+# Every published version, observed once when it is made (not sampled by scrapes: versions can come faster than
+# scrapes, and a bad one between two scrapes must still count).
+VERSIONS = Counter("fedguard_model_versions_total", "Global model versions published, by how their parameters "
+                   "were made: applied (the rule aggregated the window), rule_skipped or failed (the parent's "
+                   "parameters carried over), initial (version 0)", ["outcome"])
+ACCURACY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.82, 0.84, 0.86, 0.88, 0.9, 0.92, 0.94, 0.96,
+                    0.98, 1.0)  # fine near the top, where a trained model lives
+VERSION_ACCURACY = Histogram("fedguard_version_accuracy", "Main-task test accuracy of every published version",
+                             buckets=ACCURACY_BUCKETS)
+# Not clipped at 0: an improving version is a negative drop, so _sum over an interval is the net accuracy lost, and
+# "versions that dropped more than x" is still _count minus the bucket le=x.
+ACCURACY_DROP_BUCKETS = (-0.2, -0.1, -0.05, -0.02, -0.01, 0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+VERSION_ACCURACY_DROP = Histogram("fedguard_version_accuracy_drop", "Parent's accuracy minus the new version's, per "
+                                  "published version (negative: it improved)", buckets=ACCURACY_DROP_BUCKETS)
 WINDOWS = Counter("fedguard_aggregator_windows_total", "Windows read", ["outcome"])
 ROUND_SECONDS = Histogram("fedguard_round_latency_seconds", "From a window's first update to its published version",
                           buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
 AGGREGATE_SECONDS = Histogram("fedguard_aggregate_seconds", "Fetch + aggregate + evaluate + persist one window",
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
 UPDATES_AGGREGATED = Counter("fedguard_updates_aggregated_total", "Updates that entered an aggregate")
-WINDOWS_OFFSET = Gauge("fedguard_aggregator_windows_offset", "Next offset to read on the windows topic", ["partition"])
+
+
+class ConsumerLag(Collector):
+    """``fedguard_consumer_lag_records{topic, partition}`` of fl.windows: the partition's end from the last fetch
+    response (right on the embedded broker, unlike its ListOffsets answer: ../shared/BROKER.md) minus the next offset
+    to process. It replaces the windows topic's offset (a position, not a lag).
+
+    The processors define the same family, as a Gauge, for the topics they read. A collector whose ``describe()`` is
+    empty (prometheus_client's documented way to skip the duplicate check) lets one interpreter import both
+    services, as a test session does, without a DuplicateTimeseries error; each service process exports only its
+    own."""
+
+    def __init__(self) -> None:
+        self.lag: dict[tuple[str, int], int] = {}
+
+    def set(self, topic: str, partition: int, value: int) -> None:
+        self.lag[(topic, partition)] = value
+
+    def keep_only(self, assigned: set[tuple[str, int]]) -> None:
+        """Drop the partitions another group member reads now: their lag is that member's to export."""
+        for key in [key for key in self.lag if key not in assigned]:
+            self.lag.pop(key, None)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = GaugeMetricFamily("fedguard_consumer_lag_records", "Records on a partition this consumer reads that "
+                                   "it has not processed yet (fetch high watermark minus next offset to process)",
+                                   labels=["topic", "partition"])
+        for (topic, partition), value in sorted(self.lag.items()):
+            family.add_metric([topic, str(partition)], value)
+        yield family
+
+
+CONSUMER_LAG = ConsumerLag()
+REGISTRY.register(CONSUMER_LAG)
 
 # Create every labelled series at zero, so the first increase of each is visible to rate() and increase().
 for _outcome in ("applied", "already_applied", "out_of_order", "rule_skipped", "failed"):
     WINDOWS.labels(_outcome)
+for _outcome in ("applied", "rule_skipped", "failed", "initial"):
+    VERSIONS.labels(_outcome)
+
+
+def accuracy_drop(parent_metrics: dict[str, Any], metrics: dict[str, Any]) -> float:
+    """How much main-task accuracy a version lost against its parent (negative if it gained)."""
+    return float(parent_metrics["accuracy"]) - float(metrics["accuracy"])
+
+
+def export_latest(model_id: str, meta: dict[str, Any]) -> None:
+    """The gauges of the latest version: number, accuracy, loss, backdoor accuracy and rule."""
+    MODEL_VERSION.labels(model_id).set(meta["version"])
+    ACCURACY.labels(model_id).set(meta["metrics"]["accuracy"])
+    LOSS.labels(model_id).set(meta["metrics"]["loss"])
+    export_metrics(meta["metrics"])
+    export_rule(meta["rule"])
+
+
+def export_rule(rule: str) -> None:
+    """``fedguard_model_rule_info{rule}`` = 1 for ``rule``; the series of an earlier rule is removed, not left at 1."""
+    RULE_INFO.labels(rule).set(1)
+    for labels in [sample.labels for family in RULE_INFO.collect() for sample in family.samples]:
+        if labels["rule"] != rule:
+            RULE_INFO.remove(labels["rule"])
+
+
+def observe_version(meta: dict[str, Any], parent_meta: dict[str, Any] | None, outcome: str) -> None:
+    """Count a version that was just published and observe its accuracy, drop and backdoor accuracy."""
+    VERSIONS.labels(outcome).inc()
+    VERSION_ACCURACY.observe(meta["metrics"]["accuracy"])
+    if parent_meta is not None:
+        VERSION_ACCURACY_DROP.observe(accuracy_drop(parent_meta["metrics"], meta["metrics"]))
+    observe_backdoors(meta["metrics"])
 
 
 class WindowFetchError(RuntimeError):
@@ -74,11 +162,13 @@ class AggregatorService:
         self.settings = settings
         self.rule = ConfiguredRule(settings.rule, settings.rule_params, settings.sample_count_cap)
         self.store = ModelStore(settings.models_dir)
+        self._restore_metrics()  # before the slow set-up below: the metrics endpoint already serves
         self.redis = registry.connect(settings)
         self.task = load_task(settings.task, seed=settings.seed)
         self.spec = model_spec(self.task)
         self.model = build_model(self.spec, seed=settings.seed)
         self.evaluator = Evaluator(self.task, build_model(self.spec), parse_backdoors(settings.backdoor_eval, self.task))
+        declare_backdoors(self.evaluator.triggers)
         big = settings.max_payload_bytes + 1024 * 1024
         common = dict(bootstrap_servers=settings.kafka_bootstrap, client_id="fedguard-aggregator")
         self.producer = KafkaProducer(acks="all", max_request_size=big, **common)
@@ -100,6 +190,7 @@ class AggregatorService:
                                                          accepted=0, members=0))
             current = ModelVersion(meta=meta, params=params)
             log.info("initialised version 0 (accuracy %.4f)", metrics["accuracy"])
+            observe_version(meta, None, "initial")
         else:
             log.info("resuming from persisted version %d", current.version)
         self._publish(current)
@@ -115,7 +206,9 @@ class AggregatorService:
                 for message in messages:
                     self.handle_window(records.loads(message.value))
                     self.windows.commit({tp: OffsetAndMetadata(message.offset + 1, "", -1)})
-                    WINDOWS_OFFSET.labels(str(tp.partition)).set(message.offset + 1)
+                    self._export_lag(tp, message.offset + 1)
+            if not batch:
+                self._export_idle_lag()
 
     def handle_window(self, window: dict[str, Any]) -> ModelVersion | None:
         current = self.current
@@ -166,6 +259,7 @@ class AggregatorService:
         meta = self.store.save(current.version + 1, params, meta)
         new = ModelVersion(meta=meta, params=params)
         self._publish(new)
+        observe_version(meta, current.meta, "rule_skipped" if "skipped" in result_info else "applied")
         UPDATES_AGGREGATED.inc(len(accepted))
         WINDOWS.labels("applied").inc()
         AGGREGATE_SECONDS.observe(time.perf_counter() - started)
@@ -252,6 +346,7 @@ class AggregatorService:
         meta = self.store.save(current.version + 1, current.params, meta)
         new = ModelVersion(meta=meta, params=current.params)
         self._publish(new)
+        observe_version(meta, current.meta, "failed")
         return new
 
     # -- per-window inputs of the rules ---------------------------------------------------------------------
@@ -310,10 +405,38 @@ class AggregatorService:
         self.producer.send(self.settings.topics.models, key=self.settings.model_id.encode(),
                            value=records.dumps(version.meta)).get(timeout=30)
         self.current = version
-        MODEL_VERSION.set(version.version)
-        ACCURACY.set(version.meta["metrics"]["accuracy"])
-        LOSS.set(version.meta["metrics"]["loss"])
-        export_metrics(version.meta["metrics"])
+        export_latest(self.settings.model_id, version.meta)
+        # Retention (fedguard/modelstore.py): after publishing, so the weights of the version devices now train
+        # from and of its recent ancestors are never the ones deleted.
+        pruned = self.store.prune(self.settings.model_store_keep_last, self.settings.model_store_keep_every)
+        if pruned:
+            log.debug("model store retention: weights of versions %s deleted (metadata kept)", pruned)
+
+    # -- metrics ----------------------------------------------------------------------------------------------
+    def _restore_metrics(self) -> None:
+        """The latest stored version's gauges, so a restart never exports a stale or zero version meanwhile."""
+        versions = self.store.versions()
+        if versions:
+            export_latest(self.settings.model_id, self.store.meta(versions[-1]))
+
+    def _export_lag(self, tp: TopicPartition, next_offset: int | None = None) -> None:
+        """``fedguard_consumer_lag_records`` of one fl.windows partition; ``next_offset`` None: the consumer's
+        position, which is the next offset to process once every polled record is handled."""
+        try:
+            if next_offset is None:
+                next_offset = self.windows.position(tp, timeout_ms=1000)
+            end = self.windows.highwater(tp)
+        except KafkaError as exc:  # (IllegalStateError: revoked meanwhile) the next idle poll tries again
+            log.debug("consumer lag of %s: %r", tp, exc)
+            return
+        if end is not None and next_offset is not None:
+            CONSUMER_LAG.set(tp.topic, tp.partition, max(0, end - next_offset))
+
+    def _export_idle_lag(self) -> None:
+        assigned = self.windows.assignment()
+        CONSUMER_LAG.keep_only({(tp.topic, tp.partition) for tp in assigned})
+        for tp in assigned:
+            self._export_lag(tp)
 
     def close(self) -> None:
         for client in (self.windows, self.fetcher):

@@ -19,7 +19,7 @@ Operate:
 Measure:
   fedguard eval                the attack x defence matrix, in process: tables, heat maps, curves
 Services (what `up` starts):
-  fedguard processors|aggregator|fleet
+  fedguard processors|aggregator|fleet|infra
 
 Settings come from FEDGUARD_* variables (fedguard/settings.py); the common ones are flags of the commands that use
 them. `fedguard COMMAND --help` shows a command's own flags.
@@ -102,12 +102,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     stack = EmbeddedStack(settings, own_broker=not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
-                          own_redis=not os.environ.get("REDIS_URL"), say=lambda line: print(line, flush=True))
+                          own_redis=not os.environ.get("REDIS_URL"), say=lambda line: print(line, flush=True),
+                          prometheus=not args.no_prometheus)
     stop = _stop_event()
-    stack.start()
+    try:
+        stack.start()
+    except RuntimeError as exc:  # a missing binary or a taken port: one line with a hint
+        print(f"fedguard up: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"fedguard is up: broker {settings.kafka_bootstrap}, redis {settings.redis_url}, data {settings.data_dir}")
+    if stack.prometheus_url:
+        print(f"  prometheus          {stack.prometheus_url}  (alerts: {stack.prometheus_url}/alerts)")
     for name, url in stack.endpoints().items():
-        print(f"  metrics {name:<11} {url}")
+        if name != "prometheus":
+            print(f"  metrics {name:<11} {url}")
     from fedguard.operator import TOKEN_ENV, token_path
 
     print(f"  operator token (fedguard devices enroll|revoke|rotate): "
@@ -115,10 +123,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  logs in {stack.log_dir}; a process that exits is restarted (docs/operations.md); Ctrl-C stops "
           f"everything", flush=True)
     annotator = _start_annotator(settings)
+    from fedguard.watch import RoundReporter
+
+    reporter = RoundReporter(settings)  # one status line per new version (`fedguard watch` for the full view)
     try:
         while not stop.wait(1.0):  # only Ctrl-C or SIGTERM ends this loop
             stack.supervise()
+            for line in reporter.poll():
+                print(line, flush=True)
     finally:
+        reporter.close()
         if annotator is not None:
             annotator[1].set()
             annotator[0].join(10)
@@ -158,7 +172,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 2
         attack = AttackPlan(args.attack, args.fraction, start_round=args.attack_start, rounds=args.attack_rounds,
                             params=params)
-    return run_demo(settings_from(args), rounds=args.rounds, plot=args.plot, fresh=not args.resume, attack=attack)
+    return run_demo(settings_from(args), rounds=args.rounds, plot=args.plot, fresh=not args.resume, attack=attack,
+                    monitor=args.monitor)
 
 
 def _operator_call(fn):
@@ -458,6 +473,25 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from fedguard.watch import metrics_endpoints, run_watch
+
+    settings = settings_from(args)
+    try:
+        endpoints = metrics_endpoints(settings, args.metrics or "")
+    except ValueError as exc:
+        print(f"fedguard watch: {exc} (e.g. --metrics processors=http://processors:19464/metrics)", file=sys.stderr)
+        return 2
+    run_watch(settings, _stop_event(), interval_s=max(0.2, args.interval), once=args.once, endpoints=endpoints)
+    return 0
+
+
+def cmd_infra(args: argparse.Namespace) -> int:
+    from fedguard.infra_metrics import main as infra_main
+
+    return infra_main(["--port", str(args.metrics_port)] if args.metrics_port else [])
+
+
 def cmd_grafana_push(args: argparse.Namespace) -> int:
     from fedguard import grafana
 
@@ -484,8 +518,8 @@ def cmd_processors(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     count = settings.processors_workers if args.workers is None else args.workers
     if count < 1:
-        print(f"fedguard processors: --workers must be at least 1, got {count} (or set FEDGUARD_PROCESSORS_WORKERS)",
-              file=sys.stderr)
+        print(f"fedguard processors: --workers must be at least 1, got {count} (e.g. --workers 2; "
+              f"FEDGUARD_PROCESSORS_WORKERS sets the default)", file=sys.stderr)
         return 2
     if count > 1:  # a parent process that runs and restarts `count` single workers
         return run_workers(settings, count, web_port=args.web_port, metrics_port=args.metrics_port)
@@ -544,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="run the embedded stack until Ctrl-C")
     _common(p)
+    p.add_argument("--no-prometheus", action="store_true", help="do not start the embedded Prometheus (which "
+                   "scrapes every service with monitoring/alerts.yml on 127.0.0.1:FEDGUARD_PROMETHEUS_PORT)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("demo", help="run the embedded stack for R rounds, print a summary, plot accuracy")
@@ -551,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--plot", default="fedguard-demo.png", help="PNG of accuracy per round")
     p.add_argument("--resume", action="store_true", help="keep earlier model versions instead of starting fresh")
+    p.add_argument("--monitor", action="store_true", help="also start Prometheus (with monitoring/alerts.yml) and "
+                   "the infrastructure exporter, and print Prometheus's URL")
     from producers.attacks import ATTACKS
 
     p.add_argument("--attack", choices=(*ATTACKS, "none"), help="run an insider poisoning campaign during the demo "
@@ -661,6 +699,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="the table of docs/reason-codes.md")
     p.set_defaults(func=cmd_reasons)
 
+    p = sub.add_parser("watch", help="a live terminal view of a running stack (embedded or compose)",
+                       description="Versions with main and backdoor accuracy (sparklines), the active attack, "
+                       "rejections by reason, detector flags, trust and quarantines, and which sources are down. "
+                       "Reads fl.models, Redis and the services' metrics endpoints; Ctrl-C ends it.")
+    _connection(p)
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit (scripts)")
+    p.add_argument("--metrics", help="metrics URLs as NAME=URL,... (NAME: processors, aggregator, fleet; a name "
+                   "given twice: two URLs); default: 127.0.0.1 and the FEDGUARD_*_METRICS_PORT ports")
+    p.set_defaults(func=cmd_watch)
+
     from fedguard import grafana as grafana_defaults
 
     grafana_p = sub.add_parser("grafana", help="Grafana from Python: upload the dashboards to a running Grafana",
@@ -679,6 +728,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="directory of dashboard JSON files (default: the repository's)")
     p.set_defaults(func=cmd_grafana_push)
 
+    p = sub.add_parser("infra", help="run the infrastructure exporter: broker, Redis and model-store metrics",
+                       description="Prometheus metrics of what the services run on: broker up (and the embedded "
+                       "broker's memory), Redis health, memory and persistence, model-store size and free disk. "
+                       "`fedguard up` runs it; compose runs it as the infra service.")
+    _connection(p)
+    p.add_argument("--metrics-port", type=int, help="default: FEDGUARD_INFRA_METRICS_PORT (19467)")
+    p.set_defaults(func=cmd_infra)
+
     p = sub.add_parser("topics", help="create the topics")
     _connection(p)
     p.set_defaults(func=cmd_topics)
@@ -690,7 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "processors":
             p.add_argument("--web-port", type=int, help="Faust's web server port (one per worker)")
             p.add_argument("--workers", type=int, help="Faust worker processes sharing the partitions (default 1, "
-                           "or FEDGUARD_PROCESSORS_WORKERS); worker i uses --web-port and --metrics-port + i")
+                           "or FEDGUARD_PROCESSORS_WORKERS); worker i listens on --web-port + i and --metrics-port + "
+                           "i, skipping the other services' ports")
         p.set_defaults(func=func)
     return parser
 

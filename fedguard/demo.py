@@ -114,7 +114,7 @@ class AttackPlan:
 
 
 def run_demo(settings: Settings, rounds: int, plot: str | Path, fresh: bool = True,
-             round_timeout_s: float = 180.0, attack: AttackPlan | None = None) -> int:
+             round_timeout_s: float = 180.0, attack: AttackPlan | None = None, monitor: bool = False) -> int:
     own_redis = not os.environ.get("REDIS_URL")
     if fresh and settings.models_dir.exists():
         shutil.rmtree(settings.models_dir)  # the demo's own model versions; keys and logs are kept
@@ -124,11 +124,14 @@ def run_demo(settings: Settings, rounds: int, plot: str | Path, fresh: bool = Tr
         shutil.rmtree(settings.data_dir / "redis")
     started = time.time()
     stack = EmbeddedStack(settings, own_broker=not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
-                          own_redis=own_redis)
+                          own_redis=own_redis, prometheus=monitor)
     print(f"fedguard demo: {settings.task}, {settings.num_devices} devices, {settings.devices_per_round} per round, "
           f"alpha {settings.dirichlet_alpha}, {rounds} rounds, rule {settings.rule}; logs in {stack.log_dir}")
     lines: list[RoundLine] = []
     with stack:
+        if stack.prometheus_url:
+            print(f"prometheus: {stack.prometheus_url} (alerts: {stack.prometheus_url}/alerts; dashboards: "
+                  f"monitoring/grafana/dashboards)")
         client = registry.connect(settings)
         if attack is not None:
             started_campaign = campaign.start(client, settings, attack.kind, attack.fraction, params=attack.params,

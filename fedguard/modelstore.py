@@ -107,7 +107,8 @@ class ModelStore:
         """Delete the weights retention does not keep (see the module docstring); returns the versions pruned.
         Metadata files stay; a version pinned in its metadata keeps its weights."""
         versions = self.versions()
-        candidates = [v for v in versions if self.has_weights(v)]
+        committed = set(versions)  # (weights whose metadata is not written yet belong to a save in progress)
+        candidates = sorted(v for v in (int(p.stem[1:]) for p in self.root.glob("v*.safetensors")) if v in committed)
         if not candidates:
             return []
         keep = weights_to_keep(versions, keep_last, keep_every)

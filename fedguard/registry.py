@@ -73,6 +73,16 @@ def model_version_key(settings: Settings) -> str:
     return settings.redis_key("model", settings.model_id, "version")
 
 
+def fleet_hold_key(settings: Settings) -> str:
+    """Set by ``fedguard up`` before it recycles the broker: the fleet starts no new round while it exists."""
+    return settings.redis_key("fleet", settings.model_id, "hold")
+
+
+def fleet_held_key(settings: Settings) -> str:
+    """The fleet's answer to a hold: the version it is holding on (it sent nothing for that version)."""
+    return settings.redis_key("fleet", settings.model_id, "held")
+
+
 def sketch_seed_key(settings: Settings) -> str:
     return settings.redis_key("detector", "sketch_seed")
 

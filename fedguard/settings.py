@@ -92,6 +92,14 @@ class Settings:
     # Backdoor accuracy measured on every version (aggregator/evaluation.py): "pixel_pattern:<target>[:<size>],...";
     # a measurement for operators and experiments, never read by a detector or a rule. Empty: none.
     backdoor_eval: str = "pixel_pattern:0"
+    # Model store retention (fedguard/modelstore.py): weights of the last N versions, of every K-th, of version 0
+    # and of pinned versions; every version's metadata (the lineage) is kept.
+    model_store_keep_last: int = 50
+    model_store_keep_every: int = 100
+    # Bounded broker memory (`fedguard up`, embedded broker): its memory engine keeps every record and ignores
+    # retention, so when its resident memory passes this many bytes the stack holds the fleet, waits until the
+    # pipeline has drained, and restarts the broker empty (docs/operations.md). 0: never.
+    broker_recycle_bytes: int = 3 << 30
 
     # Hardening (issue 3): rate limits, security events, validator batching. Token buckets live in Redis, so every
     # processors worker shares them; capacities are in updates, refill rates in updates per second. The defaults
@@ -106,6 +114,9 @@ class Settings:
     validate_batch_within_s: float = 0.02  # ... or what arrived within this time
     validate_batch_max_bytes: int = 16 * 1024 * 1024  # ... split so the records of one call stay below this size
 
+    # Faust worker processes `fedguard processors` runs, sharing the partitions (processors/worker.py); worker i
+    # gets the web and metrics ports base + i, skipping the other services' ports (docs/operations.md).
+    processors_workers: int = 1
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in containers, so Prometheus can scrape
     # Ports (metrics: one per process; Faust's web server needs its own).
     broker_port: int = 19092
@@ -114,6 +125,8 @@ class Settings:
     processors_metrics_port: int = 19464
     aggregator_metrics_port: int = 19465
     fleet_metrics_port: int = 19466
+    infra_metrics_port: int = 19467  # broker, Redis and disk gauges (fedguard/infra_metrics.py)
+    prometheus_port: int = 19090  # the embedded stack's Prometheus, on loopback (fedguard/prometheus.py)
 
     def __post_init__(self) -> None:
         if self.kafka_bootstrap is None:

@@ -9,6 +9,9 @@
   embedded Redis keeps its data (AOF in ``<data dir>/redis``); the embedded broker's memory engine loses every topic
   and record when it stops, so a broker restart stops the services, recreates the topics and starts the services
   again. docs/operations.md has the details.
+* Monitoring (``prometheus=True``): the infrastructure exporter (``python -m fedguard.infra_metrics``) and a
+  Prometheus on loopback (fedguard/prometheus.py) scraping every service, the exporter and itself with the rules of
+  ``monitoring/alerts.yml``; both started last, supervised like the services, stopped first.
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ from typing import Callable
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from fedguard import prometheus as prometheus_config
 from fedguard import registry
+from fedguard.infra_metrics import pid_file, write_pid
 from fedguard.keys import load_or_create_server_key, public_to_hex
 from fedguard.settings import Settings, to_env
 
 log = logging.getLogger("fedguard.stack")
 
 SERVICES = ("processors", "aggregator", "fleet")
+MONITORING = ("infra", "prometheus")  # started last, stopped first
 
 
 def _die_with_parent() -> None:
@@ -117,6 +123,15 @@ def temporary_redis(directory: Path | str, appendonly: bool = False):
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         return s.connect_ex((host, port)) == 0
+
+
+def processors_metrics_ports(settings: Settings) -> list[int]:
+    """The metrics port of each processors worker: a pool (``processors_workers`` > 1) gives each its own."""
+    if settings.processors_workers <= 1:
+        return [settings.processors_metrics_port]
+    from processors.worker import other_ports, worker_ports
+
+    return worker_ports(settings.processors_metrics_port, settings.processors_workers, other_ports(settings))
 
 
 def broker_binary() -> str:
@@ -231,6 +246,8 @@ def initialize(settings: Settings, enroll_devices: bool = True) -> dict[str, obj
 # Supervision (EmbeddedStack.supervise): back-off before restarting a process that exited, doubling per quick exit.
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 30.0
+RECYCLE_DRAIN_TIMEOUT_S = 120.0  # a hold that has not drained the pipeline by then is let go and tried later
+RECYCLE_QUIET_S = 3.0  # the processors read nothing new for this long: nothing is in flight
 RESTART_RESET_AFTER_S = 60.0  # a process that ran this long before exiting starts the back-off over
 BROKERLESS_STOP_S = 5.0  # SIGTERM to SIGKILL for a service stopped because the broker died (it cannot stop cleanly)
 
@@ -238,6 +255,34 @@ BROKERLESS_STOP_S = 5.0  # SIGTERM to SIGKILL for a service stopped because the 
 def restart_delay(quick_exits: int) -> float:
     """The wait before restart number ``quick_exits + 1`` in a row: 1, 2, 4, 8, 16, 30, 30 ... seconds."""
     return min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** min(quick_exits, 16))
+
+
+@dataclass
+class _Recycle:
+    """A broker recycle in progress: the fleet is held since ``started_at``; the broker had ``rss`` bytes."""
+    started_at: float
+    rss: int
+    received: float | None = None  # the processors' records read, at the last look
+    quiet_since: float | None = None  # since when that number has not moved
+
+
+def processors_received(urls: list[str], timeout_s: float = 1.0) -> float | None:
+    """Records the processors workers have read from the raw topic (sum over ``urls``); None if one is down."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return None
+        for family in text_string_to_metric_families(text):
+            if family.name == "fedguard_updates_received":
+                total += sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    return total
 
 
 @dataclass
@@ -259,9 +304,16 @@ class EmbeddedStack:
     say: Callable[[str], None] | None = None  # where supervision lines go (`up`: stdout); always logged too
     supervision: dict[str, _Supervised] = field(default_factory=dict)
     _service_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    prometheus: bool = False  # also run the infrastructure exporter and a Prometheus scraping the stack
+    recycle: _Recycle | None = None  # a broker recycle in progress (bounded broker memory)
+    recycle_after: float = 0.0  # monotonic: no new recycle before this (after one that could not drain)
 
     def __post_init__(self) -> None:
         self.log_dir = Path(self.log_dir or self.settings.data_dir / "logs")
+
+    @property
+    def prometheus_url(self) -> str | None:
+        return prometheus_config.url(self.settings) if self.prometheus else None
 
     # -- infrastructure -------------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -285,6 +337,7 @@ class EmbeddedStack:
         url = f"tcp://127.0.0.1:{port}"
         proc = self._spawn("broker", [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url",
                                       url, "--storage-engine", "memory://tansu/"])
+        write_pid(pid_file(self.settings), "broker", proc.pid)  # the infrastructure exporter reads its memory
         wait_for_port("127.0.0.1", port, 30, proc)
 
     def start_redis(self) -> None:
@@ -297,6 +350,7 @@ class EmbeddedStack:
         redis_dir = self.settings.data_dir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
         proc = self._spawn("redis", redis_command(port, redis_dir, appendonly=True))
+        write_pid(pid_file(self.settings), "redis", proc.pid)
         wait_for_port("127.0.0.1", port, 15, proc)
         wait_for_redis(self.settings.redis_url)
 
@@ -305,14 +359,52 @@ class EmbeddedStack:
         self._service_args[name] = args
         return self._spawn(name, [sys.executable, "-m", "fedguard.cli", name, *args], env)
 
+    @staticmethod
+    def _require_monitoring_port(port: int, variable: str) -> None:
+        if port_in_use(port):
+            raise RuntimeError(f"port {port} is taken; set {variable} or run without Prometheus (--no-prometheus)")
+
+    def _check_monitoring_can_start(self) -> None:
+        """Before anything starts: the binary is there and the ports are free (not after a minute of start-up)."""
+        prometheus_config.binary()
+        self._require_monitoring_port(self.settings.infra_metrics_port, "FEDGUARD_INFRA_METRICS_PORT")
+        self._require_monitoring_port(self.settings.prometheus_port, "FEDGUARD_PROMETHEUS_PORT")
+
+    def start_infra_metrics(self) -> subprocess.Popen:
+        port = self.settings.infra_metrics_port
+        self._require_monitoring_port(port, "FEDGUARD_INFRA_METRICS_PORT")
+        env = {**to_env(self.settings), **self.extra_env}
+        proc = self._spawn("infra", [sys.executable, "-m", "fedguard.infra_metrics"], env)
+        wait_for_port("127.0.0.1", port, 30, proc)
+        return proc
+
+    def start_prometheus(self) -> subprocess.Popen:
+        port = self.settings.prometheus_port
+        self._require_monitoring_port(port, "FEDGUARD_PROMETHEUS_PORT")
+        config_path = prometheus_config.write_config(self.settings, (*self.services, "infra"),
+                                                     processors_ports=processors_metrics_ports(self.settings))
+        proc = self._spawn("prometheus", prometheus_config.command(self.settings, config_path))
+        wait_for_port("127.0.0.1", port, 30, proc)
+        prometheus_config.wait_ready(prometheus_config.url(self.settings), 60)
+        return proc
+
     def start(self) -> "EmbeddedStack":
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        pid_file(self.settings).unlink(missing_ok=True)  # ids of an earlier run's processes may now be anyone's
+        if self.prometheus:
+            self._check_monitoring_can_start()
         try:
             self.start_broker()
             self.start_redis()
             initialize(self.settings)
+            # A hold left by a stack that stopped mid-recycle would keep the fleet waiting for ever.
+            registry.connect(self.settings).delete(registry.fleet_hold_key(self.settings),
+                                                   registry.fleet_held_key(self.settings))
             for name in self.services:
                 self.start_service(name)
+            if self.prometheus:
+                self.start_infra_metrics()
+                self.start_prometheus()
         except BaseException:
             self.stop()
             raise
@@ -322,7 +414,11 @@ class EmbeddedStack:
         s = self.settings
         ports = {"processors": s.processors_metrics_port, "aggregator": s.aggregator_metrics_port,
                  "fleet": s.fleet_metrics_port}
-        return {name: f"http://127.0.0.1:{ports[name]}/metrics" for name in self.services if name in ports}
+        found = {name: f"http://127.0.0.1:{ports[name]}/metrics" for name in self.services if name in ports}
+        if self.prometheus:
+            found["infra"] = f"http://127.0.0.1:{s.infra_metrics_port}/metrics"
+            found["prometheus"] = f"{self.prometheus_url}/metrics"
+        return found
 
     def check_alive(self) -> list[str]:
         """Names of started processes that have exited."""
@@ -341,9 +437,12 @@ class EmbeddedStack:
             proc.wait()
 
     def stop(self) -> None:
-        # Services first, in reverse start order, then the infrastructure they talk to.
+        # Monitoring first (it would only record the others going down), then the services in reverse start
+        # order, then the infrastructure they talk to.
+        monitoring = [name for name in reversed(MONITORING) if name in self.procs]
         infrastructure = [name for name in ("redis", "broker") if name in self.procs]
-        for name in [*reversed([n for n in self.procs if n not in infrastructure]), *infrastructure]:
+        services = [n for n in self.procs if n not in infrastructure and n not in monitoring]
+        for name in [*monitoring, *reversed(services), *infrastructure]:
             self.stop_process(name)
 
     # -- supervision ------------------------------------------------------------------------------------------
@@ -359,14 +458,15 @@ class EmbeddedStack:
 
         A process of the stack that has exited is scheduled for a restart after :func:`restart_delay` (one line:
         ``fedguard: aggregator exited (code -9); restarting in 1s``); the others keep running. Due restarts are
-        done in order broker, Redis, services:
+        done in order broker, Redis, services, monitoring:
 
         * broker (memory engine: it comes back empty): the services are stopped, the broker started, the topics
           created again, and the services started, so none of them writes to a topic the broker would auto-create
           with its own partition count, and none keeps offsets or producer ids the new broker never issued;
         * Redis: started again on its append-only file, then the server key and the model version key are put
           back if they were lost (:func:`publish_server_key`, :func:`restore_version_key`);
-        * a service: started again with the arguments it was first started with.
+        * a service: started again with the arguments it was first started with;
+        * the infrastructure exporter and Prometheus: started again (Prometheus on its TSDB in the data dir).
 
         A restart that fails is reported and scheduled again with the next back-off step.
         """
@@ -389,7 +489,7 @@ class EmbeddedStack:
             report(f"fedguard: {name} exited (code {proc.returncode}); restarting in {delay:g}s")
 
         broker_pending = "broker" in self.procs and self.supervision["broker"].restart_at is not None
-        due = [name for name in ("broker", "redis", *self._service_args)
+        due = [name for name in ("broker", "redis", *self._service_args, *MONITORING)
                if name in self.supervision and self.supervision[name].restart_at is not None
                and self.supervision[name].restart_at <= now
                and not (broker_pending and name in self._service_args)]  # services wait for the broker
@@ -405,7 +505,82 @@ class EmbeddedStack:
                 state.quick_exits += 1
                 state.restart_at = time.monotonic() + delay
                 report(f"fedguard: restarting {name} failed ({exc}); trying again in {delay:g}s")
+        if self.own_broker and self.settings.broker_recycle_bytes > 0:
+            try:
+                self._recycle_step(now, report)
+            except Exception as exc:  # noqa: BLE001 - Redis or a service is down: supervision goes on
+                log.warning("broker recycle step failed: %s", exc)
         return lines
+
+    # -- bounded broker memory --------------------------------------------------------------------------------
+    def _recycle_step(self, now: float, report: Callable[[str], None]) -> None:
+        """One step of recycling the broker (``supervise`` calls it): the embedded broker's memory engine keeps
+        every record and ignores retention; deleting topics or restarting it is what frees memory (BROKER.md).
+
+        * its resident memory passes ``broker_recycle_bytes``: hold the fleet (Redis :func:`registry.fleet_hold_key`;
+          it finishes the round it is in and starts no new one);
+        * drained: the fleet holds on the current model version (so every update it sent is in that version's
+          lineage) and the processors have read nothing new for ``RECYCLE_QUIET_S``: restart the broker as after
+          a crash (services stopped, broker started empty, topics created, services started), then let the fleet
+          go. Durable state (Redis, the model store) is untouched; nothing in flight is lost, because nothing is;
+        * not drained within ``RECYCLE_DRAIN_TIMEOUT_S`` (a service down, traffic that does not stop): let the
+          fleet go and try again a minute later.
+        """
+        if "broker" not in self.procs or any(s.restart_at is not None for s in self.supervision.values()):
+            return
+        client = registry.connect(self.settings)
+        if self.recycle is None:
+            if now < self.recycle_after:
+                return
+            from fedguard.infra_metrics import resident_bytes
+
+            rss = resident_bytes(self.procs["broker"].pid)
+            if rss is None or rss < self.settings.broker_recycle_bytes:
+                return
+            client.delete(registry.fleet_held_key(self.settings))
+            client.set(registry.fleet_hold_key(self.settings), "1")
+            self.recycle = _Recycle(started_at=now, rss=rss)
+            report(f"fedguard: broker at {rss / 2**20:.0f} MiB, over {self.settings.broker_recycle_bytes / 2**20:.0f} "
+                   f"MiB (its memory engine keeps every record): holding the fleet to recycle it")
+            return
+        recycle = self.recycle
+        received = (processors_received([f"http://127.0.0.1:{p}/metrics" for p in processors_metrics_ports(
+            self.settings)]) if "processors" in self._service_args else 0.0)
+        if received is None or received != recycle.received:
+            recycle.received, recycle.quiet_since = received, (None if received is None else now)
+        held, version = client.get(registry.fleet_held_key(self.settings)), client.get(
+            registry.model_version_key(self.settings))
+        fleet_held = "fleet" not in self._service_args or (held is not None and held == version)
+        quiet = recycle.quiet_since is not None and now - recycle.quiet_since >= RECYCLE_QUIET_S
+        if not (fleet_held and quiet):
+            if now - recycle.started_at > RECYCLE_DRAIN_TIMEOUT_S:
+                client.delete(registry.fleet_hold_key(self.settings), registry.fleet_held_key(self.settings))
+                self.recycle, self.recycle_after = None, now + 60.0
+                report(f"fedguard: the pipeline did not drain within {RECYCLE_DRAIN_TIMEOUT_S:.0f}s "
+                       f"({'fleet not holding' if not fleet_held else 'processors still reading'}): broker recycle "
+                       f"put off for a minute")
+            return
+        # Services stop while the broker is still there (they leave their groups cleanly), then the broker goes
+        # (SIGKILL is enough: the memory engine has nothing to flush) and comes back empty.
+        services = [name for name in self._service_args if name in self.procs]
+        for name in reversed(services):
+            self.stop_process(name)
+        broker = self.procs.pop("broker")
+        broker.kill()
+        broker.wait()
+        self.start_broker()
+        created = create_topics(self.settings)
+        for name in services:
+            self.start_service(name, *self._service_args[name])
+        client.delete(registry.fleet_hold_key(self.settings), registry.fleet_held_key(self.settings))
+        self.recycle = None
+        from fedguard.infra_metrics import resident_bytes
+
+        rss_now = resident_bytes(self.procs["broker"].pid) or 0
+        report(f"fedguard: broker recycled at version {version.decode() if isinstance(version, bytes) else version}: "
+               f"{recycle.rss / 2**20:.0f} -> {rss_now / 2**20:.0f} MiB, fleet held "
+               f"{time.monotonic() - recycle.started_at:.0f}s, {len(created)} topics created again, "
+               f"{', '.join(services)} restarted")
 
     def _restart(self, name: str) -> str:
         if name == "broker":
@@ -428,7 +603,12 @@ class EmbeddedStack:
             restored = restore_version_key(self.settings)
             return (f"fedguard: redis restarted from {self.settings.data_dir / 'redis'}"
                     + (f"; model version key restored ({restored})" if restored is not None else ""))
-        self.start_service(name, *self._service_args[name])
+        if name == "infra":
+            self.start_infra_metrics()
+        elif name == "prometheus":
+            self.start_prometheus()
+        else:
+            self.start_service(name, *self._service_args[name])
         return f"fedguard: {name} restarted (pid {self.procs[name].pid})"
 
     def __enter__(self) -> "EmbeddedStack":

@@ -61,8 +61,9 @@ _OUTAGE_REPLIES = ("BUSY", "MISCONF", "NOREPLICAS")  # error replies redis-py ha
 #      'rekey': the validator re-reads it; a record sealed with a replaced key then fails authentication), and the
 #      device must be active ('revoked', 'quarantined');
 #   2. replay: the sequence number must be above the last accepted one. The same update id at the same raw position
-#      is the same record delivered again after a worker crash (at-least-once), not a replay: it gets the same
-#      answer and takes no token;
+#      as one of the device's last KEEP_DELIVERIES accepted records is that record delivered again after a worker
+#      crash (at-least-once), not a replay: it is accepted again whatever the version and the device's seat are now,
+#      and takes no token;
 #   3. rate: one token from the device's bucket ('rate_limited'), then one from the global bucket
 #      ('ingress_limited'); both or neither are taken. Only authentic, fresh records get here, so a forger or a
 #      replayer cannot drain an honest device's bucket;
@@ -105,6 +106,22 @@ if current then current = tonumber(current) end
 local function note(key)
   if redis.call('SET', key, '1', 'NX', 'PX', interval) then return '1' end
   return '0'
+end
+-- A device's last accepted deliveries ('<update id>@<raw position>'), newest first, joined by ',': a worker that
+-- dies before committing its offsets has the next owner re-deliver every record it processed since its last commit,
+-- which may include a device's earlier accepted record, not only its last one (~50 bytes each per device; one
+-- update per device per version keeps the records of one device in an uncommitted span few).
+local KEEP_DELIVERIES = 8
+local function delivered(list, delivery)
+  return string.find(',' .. list .. ',', ',' .. delivery .. ',', 1, true) ~= nil
+end
+local function remember(list, delivery)
+  local kept = {delivery}
+  for d in string.gmatch(list, '[^,]+') do
+    if #kept >= KEEP_DELIVERIES then break end
+    if d ~= '-' then kept[#kept + 1] = d end
+  end
+  return table.concat(kept, ',')
 end
 local function chunked(command, args)  -- unpack() is bounded by the Lua C stack
   local out, i = {}, 1
@@ -161,7 +178,7 @@ for k = 1, n do
   if not code then
     local seq = tonumber(rseqs[k])
     if sseq[i] and seq <= sseq[i] then
-      if sdel[i] == rdel[k] then redelivery = true
+      if delivered(sdel[i], rdel[k]) then redelivery = true
       else code = 'replay'; info = sseqs[i]; ev = note(prefix .. ':noted:replay:' .. ids[i]) end
     end
     if not code and not redelivery then
@@ -182,7 +199,8 @@ for k = 1, n do
   if not code and rloc[k] ~= '-' then code = rloc[k] end
   if not code then
     local base = rbase[k]
-    if not current then code = 'future_version'; info = 'none'
+    if redelivery then code = 'ok'  -- accepted before: the same answer, whatever the version is now
+    elseif not current then code = 'future_version'; info = 'none'
     elseif base > current then code = 'future_version'; info = tostring(current)
     elseif base < current - staleness then code = 'stale'; info = tostring(current)
     elseif one_per_window and not redelivery and swin[i] and base <= swin[i] then
@@ -190,7 +208,8 @@ for k = 1, n do
     else
       code = 'ok'
       if not redelivery then
-        sseqs[i] = rseqs[k]; sseq[i] = tonumber(rseqs[k]); sdel[i] = rdel[k]; swin[i] = base; dirty[i] = true
+        sseqs[i] = rseqs[k]; sseq[i] = tonumber(rseqs[k]); sdel[i] = remember(sdel[i], rdel[k]); swin[i] = base
+        dirty[i] = true
       end
     end
   end

@@ -36,6 +36,7 @@ from typing import Any
 
 import faust
 import redis.asyncio as aioredis
+from kafka.partitioner.default import murmur2
 from prometheus_client import Counter, Gauge, Histogram
 
 from fedguard import records, registry
@@ -59,19 +60,28 @@ REJECTED = Counter("fedguard_updates_rejected_total", "Records rejected by the v
 SECURITY_EVENTS = Counter("fedguard_security_events_total", "Security events published on fl.events", ["type"])
 VALIDATE_SECONDS = Histogram("fedguard_validate_seconds", "Time to validate one record (batch time / records)",
                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
-RAW_OFFSET = Gauge("fedguard_processors_raw_offset", "Last raw-topic offset processed", ["partition"])
+# Consumer lag of what this worker reads (fl.updates.raw, fl.updates.valid.index): the partition's end as the last
+# fetch response reported it (its high watermark, which the embedded broker gives right, unlike its ListOffsets
+# answer: ../shared/BROKER.md) minus the next offset the agent will process. It replaces the raw topic's last
+# offset (a position, not a lag), which is no longer exported.
+CONSUMER_LAG = Gauge("fedguard_consumer_lag_records", "Records on a partition this worker reads that it has not "
+                     "processed yet (fetch high watermark minus next offset to process)", ["topic", "partition"])
 WINDOWS_CLOSED = Counter("fedguard_windows_closed_total", "Windows closed", ["closed_by"])
-WINDOW_SIZE = Histogram("fedguard_window_members", "Members per closed window", buckets=(1, 2, 5, 10, 20, 50, 100))
+# Window sizes are small integers: one bucket per integer up to 20, so a quantile lands in the bucket (k-1, k] of
+# the true size k and ceil(histogram_quantile(...)) is exact (the dashboard plots that, with the mean and max).
+SIZE_BUCKETS = (*range(1, 21), 30, 50, 100)
+WINDOW_SIZE = Histogram("fedguard_window_members", "Members per closed window", buckets=SIZE_BUCKETS)
 WINDOW_FLAGGED = Counter("fedguard_window_flagged_total", "Window members the ensemble did not accept, by verdict",
                          ["verdict"])
 DETECTOR_FLAGS = Counter("fedguard_detector_flags_total", "Votes of each detector against window members",
                          ["detector"])
 WINDOW_DEVICES = Histogram("fedguard_window_distinct_devices", "Distinct devices per closed window",
-                           buckets=(1, 2, 3, 5, 8, 10, 15, 20, 50, 100))
+                           buckets=SIZE_BUCKETS)
 WINDOW_SECONDS = Histogram("fedguard_window_judge_seconds", "Detection + reputation + publishing of one window",
-                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+TRUST_BUCKETS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 MEMBER_TRUST = Histogram("fedguard_member_trust", "Trust (beta reputation expectation) of window members after "
-                         "their window", buckets=(0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0))
+                         "their window", buckets=TRUST_BUCKETS)
 QUARANTINED = Gauge("fedguard_devices_quarantined", "Devices quarantined by reputation")
 DEVICE_DUPLICATES = Counter("fedguard_window_device_duplicates_total",
                             "Valid updates not seated because their device already had one in the window")
@@ -90,6 +100,98 @@ for _detector in DETECTORS:
     DETECTOR_FLAGS.labels(_detector)
 for _event in ("rate_limited", "ingress_limited", "replay", "flagged", "quarantined", "released"):
     SECURITY_EVENTS.labels(_event)
+
+
+class ConsumerPositions:
+    """The next offset an agent will process on each (topic, partition) it read from: the offsets of the records it
+    processed, counted here because the broker's own "latest offset" answer cannot be trusted (BROKER.md)."""
+
+    def __init__(self) -> None:
+        self.next_offset: dict[tuple[str, int], int] = {}
+
+    def processed(self, topic: str, events: list) -> None:
+        for event in events:
+            self.next_offset[(topic, event.message.partition)] = event.message.offset + 1
+
+    def forget(self, keys: list[tuple[str, int]]) -> None:
+        """Partitions this worker no longer reads: another worker's position, not ours, counts from now on."""
+        for key in keys:
+            self.next_offset.pop(key, None)
+
+
+POSITIONS = ConsumerPositions()
+
+
+def consumer_lag(end: int | None, next_offset: int | None) -> int | None:
+    """Records not processed yet: the partition's end minus the next offset to process (None if either is unknown;
+    never negative, the end is only as fresh as the last fetch response)."""
+    if end is None or next_offset is None:
+        return None
+    return max(0, end - next_offset)
+
+
+async def export_consumer_lag(consumer, positions: ConsumerPositions, topics: tuple[str, ...],
+                              exported: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Set ``fedguard_consumer_lag_records`` for every assigned partition of ``topics``, and drop the series of the
+    partitions no longer assigned to this worker (their new owner exports them). Returns what is exported now."""
+    assigned = {(tp.topic, tp.partition): tp for tp in consumer.assignment() if tp.topic in topics}
+    positions.forget([key for key in positions.next_offset if key[0] in topics and key not in assigned])
+    for topic, partition in exported - set(assigned):
+        CONSUMER_LAG.remove(topic, str(partition))
+    now_exported = set()
+    for key, tp in assigned.items():
+        try:
+            next_offset = positions.next_offset.get(key)
+            if next_offset is None:  # nothing processed here since this worker started: where it will start
+                next_offset = await consumer.position(tp)
+            lag = consumer_lag(consumer.highwater(tp), next_offset)
+        except Exception as exc:  # noqa: BLE001 - a partition revoked meanwhile: the next tick sees the new assignment
+            log.debug("consumer lag of %s: %r", tp, exc)
+            lag = None
+        if lag is not None:
+            CONSUMER_LAG.labels(key[0], str(key[1])).set(lag)
+            now_exported.add(key)
+        elif key in exported:
+            now_exported.add(key)
+    return now_exported
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition the producers' default partitioner (murmur2) gives a keyed record: where the index topic and the
+    window table's changelog put a model id."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class WindowPartitions:
+    """The index partitions whose windows this worker may close on their deadline: assigned to it, and read to the
+    end once since they were. A worker that lost a partition keeps that model's window state in its table's memory
+    store (Faust forgets only keys it recovered from the changelog) and must not close those windows again; a worker
+    that was just given a partition holds the state the changelog had, which may lag the index (the previous owner
+    died after closing a window on count, before its table update reached the broker): the re-delivered index
+    records must be seated first, so the window closes again with the same members (judged once), not on its
+    deadline with fewer. Every rebalance (``generation``: Faust's rebalance count) starts over."""
+
+    def __init__(self) -> None:
+        self.ready: set[int] = set()
+        self.generation: int | None = None
+
+    async def refresh(self, consumer, positions: ConsumerPositions, topic: str, generation: int) -> set[int]:
+        if generation != self.generation:
+            self.ready, self.generation = set(), generation
+        assigned = {tp.partition: tp for tp in consumer.assignment() if tp.topic == topic}
+        self.ready &= set(assigned)
+        for partition, tp in assigned.items():
+            if partition in self.ready:
+                continue
+            try:
+                next_offset = positions.next_offset.get((topic, partition))
+                if next_offset is None:
+                    next_offset = await consumer.position(tp)
+                if consumer_lag(consumer.highwater(tp), next_offset) == 0:
+                    self.ready.add(partition)
+            except Exception as exc:  # noqa: BLE001 - revoked meanwhile: the next tick sees the new assignment
+                log.debug("window partition %s: %r", tp, exc)
+        return self.ready
 
 
 def observe_window(record: dict) -> None:
@@ -193,9 +295,8 @@ async def validate_and_route(validator: Validator, out: ValidationOutputs, event
         [(e.value, e.key, f"{e.message.partition}:{e.message.offset}") for e in events])
     await route_validated(out, events, outcomes)
     elapsed = (time.perf_counter() - started) / len(events)
-    for event in events:
+    for _ in events:
         VALIDATE_SECONDS.observe(elapsed)
-        RAW_OFFSET.labels(str(event.message.partition)).set(event.message.offset)
 
 
 def make_validator(settings: Settings, num_params: int) -> Validator:
@@ -313,6 +414,7 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
         async for batch in stream.take_events(settings.validate_batch_size, within=settings.validate_batch_within_s):
             for events in byte_bounded(batch, settings.validate_batch_max_bytes, lambda e: len(e.value or b"")):
                 await validate_and_route(validator, outputs, events)
+                POSITIONS.processed(t.raw, events)
 
     @app.agent(index_topic)
     async def collect(stream):
@@ -321,13 +423,19 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
             async with stage.closing:
                 window_state = window_table.get(model_id) or W.empty_state()
                 window_table[model_id] = await stage.seat(model_id, window_state, entry, time.time())
+            POSITIONS.processed(t.valid_index, [event])
+
+    window_partitions = WindowPartitions()
 
     @app.timer(interval=0.5)
     async def close_on_deadline() -> None:
+        if app.rebalancing or app.in_recovery:  # the table holds another worker's state, or part of its own
+            return
+        ready = await window_partitions.refresh(app.consumer, POSITIONS, t.valid_index, app.rebalancing_count)
         async with stage.closing:
             now = time.time()
             for model_id, window_state in list(window_table.items()):
-                if window_state:
+                if window_state and key_partition(model_id.encode(), settings.partitions) in ready:
                     window_state, closed = await stage.close_due(model_id, window_state, now)
                     if closed:
                         window_table[model_id] = window_state
@@ -335,6 +443,16 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
     @app.timer(interval=5.0)
     async def release_after_probation() -> None:
         await stage.release_due()
+
+    lag_exported: set[tuple[str, int]] = set()
+
+    @app.timer(interval=2.0)
+    async def consumer_lag_metrics() -> None:
+        nonlocal lag_exported
+        try:
+            lag_exported = await export_consumer_lag(app.consumer, POSITIONS, (t.raw, t.valid_index), lag_exported)
+        except Exception as exc:  # noqa: BLE001 - e.g. the consumer is (re)starting: a metric must not stop the worker
+            log.debug("consumer lag not exported: %r", exc)
 
     return app
 

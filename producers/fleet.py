@@ -32,6 +32,7 @@ from fedguard.topicio import consumer_from_beginning
 from fedguard.tasks import (DEFAULT_TRAINING, build_model, configure_torch,  # noqa: F401
                             get_flat_params, load_task, local_train, model_spec, set_flat_params)
 from producers import campaign as campaign_mod
+from producers.attacks.registry import ATTACKS
 from producers.enroll import device_ids
 from producers.keystore import Keystore
 from producers.sampling import fleet_shards, training_seed
@@ -43,10 +44,32 @@ SEND_FAILED = Counter("fedguard_fleet_send_failures_total",
                       "Updates the fleet tried to publish that the broker did not acknowledge (not counted as sent)")
 TRAIN_SECONDS = Histogram("fedguard_fleet_train_seconds", "Local training time per device and round",
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
-ROUND = Gauge("fedguard_fleet_base_version", "Global version the fleet last trained from")
+# Labelled, so a restarted fleet exports nothing (not version 0) until its first round.
+ROUND = Gauge("fedguard_fleet_base_version", "Global version the fleet last trained from", ["model_id"])
 RESAMPLED = Counter("fedguard_fleet_round_retries_total", "Rounds sampled again after the round timeout")
 MALICIOUS_SENT = Counter("fedguard_fleet_malicious_updates_sent_total",
                          "Poisoned updates sent by compromised devices of a live campaign (fedguard attack)", ["kind"])
+ATTACK_ACTIVE = Gauge("fedguard_fleet_attack_active", "1 for the kind of the poisoning campaign running against the "
+                      "fleet's model (started, not stopped, rounds left), 0 for every other kind", ["kind"])
+
+# Every attack kind exported at 0 from the start: "no attack" is a value, and the first malicious burst is visible
+# to rate() and increase().
+for _kind in ATTACKS:
+    MALICIOUS_SENT.labels(_kind)
+    ATTACK_ACTIVE.labels(_kind).set(0)
+
+
+def running_attack(found: "campaign_mod.Campaign | None", fired: int) -> str | None:
+    """The kind of the campaign that is running (started, not stopped, rounds left), or None."""
+    if found is None or found.stopped_at is not None or (found.rounds is not None and fired >= found.rounds):
+        return None
+    return found.kind
+
+
+def export_attack(kind: str | None) -> None:
+    """``fedguard_fleet_attack_active``: 1 for ``kind``, 0 for the others (a kind unknown here gets its own series)."""
+    for label in {*ATTACKS, *([kind] if kind else [])}:
+        ATTACK_ACTIVE.labels(label).set(1 if label == kind else 0)
 
 
 def models_consumer(settings: Settings, client_id: str) -> KafkaConsumer:
@@ -120,16 +143,31 @@ class Fleet:
             if latest is None:
                 continue
             if latest["version"] > trained_version:
-                attempt = 0
+                next_attempt = 0
             elif time.monotonic() - last_round_at > self.settings.round_timeout_s:
-                attempt += 1
+                next_attempt = attempt + 1
+            else:
+                continue
+            if self.holding(latest["version"], stop):  # asked before a round starts, never in the middle of one
+                continue
+            if next_attempt:
                 RESAMPLED.inc()
                 log.warning("no new version %ds after training on %d: sampling again", self.settings.round_timeout_s,
                             latest["version"])
-            else:
-                continue
+            attempt = next_attempt
             self.run_round(latest, attempt, stop)
             trained_version, last_round_at = latest["version"], time.monotonic()
+
+    def holding(self, version: int, stop: threading.Event) -> bool:
+        """The stack asked the fleet to hold (``fedguard up`` recycling the broker): start no round, say on which
+        version it holds (everything it sent before is in that version's lineage), and look again shortly."""
+        if not self.redis.exists(registry.fleet_hold_key(self.settings)):
+            return False
+        if self.redis.get(registry.fleet_held_key(self.settings)) is None:
+            log.info("holding on version %d: the stack is recycling the broker", version)
+        self.redis.set(registry.fleet_held_key(self.settings), version)
+        stop.wait(0.5)
+        return True
 
     def active(self) -> list[int]:
         """Indices of the devices whose registry status is ``active`` (one pipelined Redis read): revoked and
@@ -174,7 +212,7 @@ class Fleet:
             sent += self.attack(campaign, compromised, base, version, honest_deltas)
         acknowledged = self.confirm()
         self.sync_keystore()
-        ROUND.set(version)
+        ROUND.labels(self.settings.model_id).set(version)
         log.info("trained on version %d (attempt %d): %d updates sent (acknowledged by the broker, of %d)%s",
                  version, attempt, acknowledged, sent,
                  f", {len(compromised)} compromised devices sampled ({campaign.kind})" if compromised else "")
@@ -186,7 +224,9 @@ class Fleet:
     def _campaign(self, version: int) -> "campaign_mod.Campaign | None":
         """The running poisoning campaign if it fires in this round (one Redis read per round)."""
         found = campaign_mod.load(self.redis, self.settings)
-        if found is None or not found.fires_at(version, campaign_mod.fired(self.redis, self.settings, found)):
+        fired = campaign_mod.fired(self.redis, self.settings, found) if found is not None else 0
+        export_attack(running_attack(found, fired))
+        if found is None or not found.fires_at(version, fired):
             return None
         return found
 

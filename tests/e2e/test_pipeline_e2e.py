@@ -94,9 +94,10 @@ def test_up_stops_every_process_it_started_on_sigterm(tmp_path):
                             text=True)
     try:
         launcher = psutil.Process(proc.pid)
-        # broker, redis, processors, aggregator, fleet
-        children = wait_until(lambda: len(launcher.children()) == 5 and launcher.children(), 60,
-                              what="the five processes")
+        # broker, redis, processors, aggregator, fleet, the infrastructure exporter, Prometheus
+        children = wait_until(lambda: len(launcher.children()) == 7 and launcher.children(), 60,
+                              what="the seven processes")
+        assert any("prometheus" in " ".join(c.cmdline()) for c in children)
         wait_until(lambda: (tmp_path / "data" / "models").exists(), 60, what="the aggregator to start")
         descendants = launcher.children(recursive=True)
         assert len(descendants) >= len(children)
@@ -116,7 +117,8 @@ def to_env_for_up(tmp_path) -> dict[str, str]:
 
     settings = Settings(data_dir=tmp_path / "data", broker_port=free_port(), redis_port=free_port(),
                         processors_web_port=free_port(), processors_metrics_port=free_port(),
-                        aggregator_metrics_port=free_port(), fleet_metrics_port=free_port())
+                        aggregator_metrics_port=free_port(), fleet_metrics_port=free_port(),
+                        prometheus_port=free_port(), infra_metrics_port=free_port())
     skip = ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "FEDGUARD_KAFKA_BOOTSTRAP", "FEDGUARD_REDIS_URL")
     return {k: v for k, v in to_env(settings).items() if k not in skip}
 

@@ -67,16 +67,18 @@ def test_supervise_restarts_a_killed_service_with_back_off_and_leaves_the_others
 class Up:
     """``fedguard up`` in a child process with its own broker and Redis; its stdout lines collected as they come."""
 
-    def __init__(self, tmp_path) -> None:
+    ARGS = ("--task", "synthetic", "--devices", "4", "--per-round", "2", "--window-size", "2", "--window-deadline", "4",
+            "--no-prometheus")
+
+    def __init__(self, tmp_path, args: tuple[str, ...] = ARGS, extra_env: dict[str, str] | None = None) -> None:
         # A short round timeout: after a broker restart, devices whose updates were accepted for the round that was
         # lost hold their seat for that version; the fleet samples others after the timeout (docs/operations.md).
-        env = {**os.environ, **to_env_for_up(tmp_path), "FEDGUARD_ROUND_TIMEOUT_S": "8"}
+        env = {**os.environ, **to_env_for_up(tmp_path), "FEDGUARD_ROUND_TIMEOUT_S": "8", **(extra_env or {})}
         for name in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL"):
             env.pop(name, None)
         self.env = env
         self.data_dir = tmp_path / "data"
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedguard.cli", "up", "--task", "synthetic", "--devices",
-                                      "4", "--per-round", "2", "--window-size", "2", "--window-deadline", "4"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedguard.cli", "up", *args],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
@@ -136,6 +138,8 @@ def test_up_restarts_killed_processors_and_redis_and_keeps_the_rest_running(tmp_
     try:
         wait_until(lambda: len(up.launcher.children()) == 5, 60, what="the five processes")
         up.wait_for_line("Ctrl-C stops everything", 60)
+        # `up` prints a status line per round
+        up.wait_for_line("round 1  v1  acc ", 90)
         others = {name: up.child(name).pid for name in ("broker", "aggregator", "fleet")}
 
         up.child("processors").kill()

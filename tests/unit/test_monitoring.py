@@ -3,8 +3,10 @@
 * The metric names the dashboard and the alert rules query are read from PromQL and compared with the metrics the
   code defines (``Counter(`` / ``Gauge(`` / ``Histogram(`` ... calls on prometheus_client, found by parsing the
   source of the service packages), so renaming a metric without updating monitoring/ fails here.
-* The dashboard is well-formed, its panel ids are unique, its panels do not overlap and they all use the
-  provisioned datasource.
+* The four dashboards (pipeline, defences, model and attacks, infrastructure) are well-formed: unique panel ids,
+  no overlapping panels, the provisioned datasource, a description and a unit on every panel; each covers the
+  metrics of its subject, and the panels built on histograms compute the right numbers (promtool evaluates the
+  dashboards' own expressions on series made with the code's buckets).
 * ``promtool`` (Debian package ``prometheus``) checks the Prometheus config and rules, parses every dashboard query
   and runs unit tests of the alert rules, when it is on PATH.
 * compose.yaml names every service of the design, wires the settings, ports and volumes consistently with
@@ -92,16 +94,25 @@ _SERIES_SUFFIXES = {
 }
 
 
+# The metric families of custom collectors (prometheus_client.core), by the metric type they expose.
+_FAMILY_TYPES = {"GaugeMetricFamily": "Gauge", "CounterMetricFamily": "Counter",
+                 "HistogramMetricFamily": "Histogram", "SummaryMetricFamily": "Summary"}
+_CLIENT_MODULES = ("prometheus_client", "prometheus_client.core", "prometheus_client.metrics_core")
+
+
 def _metric_definitions(path: Path) -> list[tuple[str, str]]:
-    """(type, name) of every prometheus_client metric constructed in one module with a literal name."""
+    """(type, name) of every prometheus_client metric (or custom collector's metric family) constructed in one
+    module with a literal name."""
     tree = ast.parse(path.read_text(), filename=str(path))
     local_types: dict[str, str] = {}  # local name -> metric type, from `from prometheus_client import X [as Y]`
     module_aliases: set[str] = set()  # names bound to the prometheus_client module
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "prometheus_client":
+        if isinstance(node, ast.ImportFrom) and node.module in _CLIENT_MODULES:
             for alias in node.names:
                 if alias.name in _SERIES_SUFFIXES:
                     local_types[alias.asname or alias.name] = alias.name
+                elif alias.name in _FAMILY_TYPES:
+                    local_types[alias.asname or alias.name] = _FAMILY_TYPES[alias.name]
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "prometheus_client":
@@ -299,19 +310,276 @@ def test_dashboard_structure():
             assert all(t.get("expr", "").strip() for t in targets), f"{where}: empty query"
 
 
-def test_pipeline_dashboard_covers_the_pipeline():
-    _, dashboard = next((p, d) for p, d in dashboards() if p.name == "fedguard-pipeline.json")
-    assert dashboard["title"] == "fedguard pipeline"
+# file -> (uid, title, metric families it must show). Issue 11: one dashboard each for the pipeline, the defences,
+# the model and attacks, and the infrastructure.
+DASHBOARD_SUBJECTS = {
+    "fedguard-pipeline.json": ("fedguard-pipeline", "fedguard pipeline", (
+        "fedguard_updates_received_total", "fedguard_updates_valid_total", "fedguard_updates_rejected_total",
+        "fedguard_model_version", "fedguard_model_accuracy", "fedguard_model_loss", "fedguard_round_latency_seconds",
+        "fedguard_window_members", "fedguard_window_flagged_total", "fedguard_validate_seconds",
+        "fedguard_window_judge_seconds", "fedguard_consumer_lag_records", "fedguard_model_versions_total",
+        "fedguard_security_events_total")),
+    "fedguard-defences.json": ("fedguard-defences", "fedguard defences", (
+        "fedguard_detector_flags_total", "fedguard_member_trust", "fedguard_devices_quarantined",
+        "fedguard_security_events_total", "fedguard_window_distinct_devices", "fedguard_window_flagged_total")),
+    "fedguard-model.json": ("fedguard-model", "fedguard model and attacks", (
+        "fedguard_version_accuracy", "fedguard_version_backdoor_accuracy", "fedguard_version_accuracy_drop",
+        "fedguard_model_versions_total", "fedguard_model_accuracy", "fedguard_model_backdoor_accuracy",
+        "fedguard_model_rule_info", "fedguard_fleet_attack_active", "fedguard_fleet_malicious_updates_sent_total")),
+    "fedguard-infrastructure.json": ("fedguard-infrastructure", "fedguard infrastructure", (
+        "fedguard_broker_resident_memory_bytes", "fedguard_broker_up", "fedguard_redis_up",
+        "fedguard_redis_used_memory_bytes", "fedguard_redis_connected_clients", "fedguard_model_store_bytes",
+        "fedguard_data_dir_free_bytes")),
+}
+
+
+def families_shown(dashboard: dict) -> set[str]:
     used = set()
     for panel in all_panels(dashboard):
         for target in panel.get("targets", []):
             used |= promql_metric_names(target["expr"])
-    families = {exported_series().get(name) for name in used}
-    for family in ("fedguard_updates_received_total", "fedguard_updates_valid_total",
-                   "fedguard_updates_rejected_total", "fedguard_model_version", "fedguard_model_accuracy",
-                   "fedguard_model_loss", "fedguard_round_latency_seconds", "fedguard_window_members",
-                   "fedguard_window_flagged_total", "fedguard_validate_seconds"):
-        assert family in families, f"the pipeline dashboard has no panel on {family}"
+    return {exported_series().get(name) for name in used}
+
+
+def test_the_four_dashboards_exist():
+    assert sorted(path.name for path, _ in dashboards()) == sorted(DASHBOARD_SUBJECTS)
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARD_SUBJECTS))
+def test_dashboard_covers_its_subject(name):
+    uid, title, families = DASHBOARD_SUBJECTS[name]
+    dashboard = json.loads((DASHBOARDS_DIR / name).read_text())
+    assert (dashboard["uid"], dashboard["title"]) == (uid, title)
+    assert "fedguard" in dashboard.get("tags", [])  # the dashboards link to each other by this tag
+    shown = families_shown(dashboard)
+    missing = [family for family in families if family not in shown]
+    assert not missing, f"{name} has no panel on {missing}"
+
+
+def test_every_panel_says_what_it_shows_and_in_which_unit():
+    for path, dashboard in dashboards():
+        for panel in all_panels(dashboard):
+            if panel["type"] == "row":
+                continue
+            where = f"{path.name} panel {panel['id']} ({panel['title']!r})"
+            assert len(panel.get("description", "")) >= 20, f"{where}: no description"
+            assert panel.get("fieldConfig", {}).get("defaults", {}).get("unit"), f"{where}: no unit"
+
+
+def test_no_panel_plots_a_sampled_version_gauge_as_every_version():
+    """Versions can come faster than scrapes (issue 11: 129 versions against ~60 scrapes): a panel about every
+    version is built on the histograms, never on max_over_time/min_over_time of the latest-version gauges."""
+    for where, expr in dashboard_queries():
+        assert not re.search(r"_over_time\(\s*fedguard_model_(accuracy|backdoor_accuracy)", expr), where
+
+
+def panel_expr(name: str, title: str, legend: str) -> str:
+    dashboard = json.loads((DASHBOARDS_DIR / name).read_text())
+    panel = next(p for p in all_panels(dashboard) if p["title"] == title)
+    return next(t["expr"] for t in panel["targets"] if t.get("legendFormat") == legend)
+
+
+def with_grafana_variables(expr: str) -> str:
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def histogram_series(metric: str, buckets, observations_per_step: list[float], labels: str = "") -> list[dict]:
+    """promtool input series of a histogram that gets ``observations_per_step`` at every step of the test."""
+    from prometheus_client.utils import floatToGoString  # how the client writes le, so selectors match as live
+
+    series = []
+    for bound in [*buckets, float("inf")]:
+        per_step = sum(1 for value in observations_per_step if value <= bound)
+        series.append({"series": f'{metric}_bucket{{{labels}{"," if labels else ""}le="{floatToGoString(bound)}"}}',
+                       "values": f"0+{per_step}x60"})
+    series.append({"series": f"{metric}_count{{{labels}}}", "values": f"0+{len(observations_per_step)}x60"})
+    series.append({"series": f"{metric}_sum{{{labels}}}", "values": f"0+{sum(observations_per_step)}x60"})
+    return series
+
+
+def run_expression_tests(tmp_path, input_series: list[dict], expectations: list[tuple[str, float]]) -> None:
+    """promtool evaluates each expression at 10 minutes (steps of 15 s) and compares it with the value expected."""
+    tests = {"tests": [{"interval": "15s", "input_series": input_series,
+                        "promql_expr_test": [{"expr": with_grafana_variables(expr), "eval_time": "10m",
+                                              "exp_samples": [{"labels": "{}", "value": value}]}
+                                             for expr, value in expectations]}]}
+    path = tmp_path / "dashboard-expressions.test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    result = promtool("test", "rules", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_window_size_panel_reads_ten_for_windows_of_ten(tmp_path):
+    """Issue 11: every window had 10 members and the p95 read 9.75 (interpolation in the bucket (5, 10]). With one
+    bucket per integer and ceil() the quantiles are exact; mean and max are too. Windows of 8 and 10 alternating:
+    p5 is 8, p95 and max 10, mean 9."""
+    from processors.app import SIZE_BUCKETS
+
+    name, title = "fedguard-pipeline.json", "Window size"
+    for sizes, expected in (([10], {"mean": 10, "p5": 10, "p95": 10, "max": 10}),
+                            ([8, 10], {"mean": 9, "p5": 8, "p95": 10, "max": 10})):
+        run_expression_tests(tmp_path, histogram_series("fedguard_window_members", SIZE_BUCKETS, sizes),
+                             [(panel_expr(name, title, legend), value) for legend, value in expected.items()])
+
+
+def test_low_trust_panel_counts_members_at_or_below_one_half(tmp_path):
+    """Four members per 15 s step with trust 0.3, 0.8, 0.9 and 0.95: 4 per minute at or below 0.5 (not the 12
+    above it), median 0.8."""
+    from processors.app import TRUST_BUCKETS
+
+    title = "Trust percentiles and low-trust members"
+    run_expression_tests(tmp_path, histogram_series("fedguard_member_trust", TRUST_BUCKETS, [0.3, 0.8, 0.9, 0.95]),
+                         [(panel_expr("fedguard-defences.json", title, "trust <= 0.5 per min"), 4),
+                          (panel_expr("fedguard-defences.json", title, "trust p50"), 0.8)])
+
+
+def test_every_version_panels_count_versions_between_scrapes(tmp_path):
+    """Four versions per 15 s step (faster than a 5 s scrape could sample a gauge at 1 m resolution): the panels
+    count each of them. Per minute (the dashboards' $__rate_interval in this test) 16 versions: 4 with backdoor
+    accuracy 0.15 (above 10%, not above 20%), 4 at 0.5; accuracy drops of -0.01, 0.01, 0.03 and 0.08."""
+    from aggregator.evaluation import BACKDOOR_BUCKETS
+    from aggregator.service import ACCURACY_DROP_BUCKETS
+
+    series = [*histogram_series("fedguard_version_backdoor_accuracy", BACKDOOR_BUCKETS, [0.0, 0.0, 0.15, 0.5],
+                                labels='backdoor="pixel_pattern:0"'),
+              *histogram_series("fedguard_version_accuracy_drop", ACCURACY_DROP_BUCKETS, [-0.01, 0.01, 0.03, 0.08])]
+    model = "fedguard-model.json"
+    run_expression_tests(tmp_path, series, [
+        (panel_expr(model, "Versions with a backdoor above 10% / 20%", "above 10%"), 8),
+        (panel_expr(model, "Versions with a backdoor above 10% / 20%", "above 20%"), 4),
+        (panel_expr(model, "Versions losing accuracy", "versions"), 16),
+        (panel_expr(model, "Versions losing accuracy", "drop > 2 points"), 8),
+        (panel_expr(model, "Versions losing accuracy", "drop > 5 points"), 4),
+    ])
+
+
+# -- the services' metrics behind the dashboards ------------------------------------------------------------------
+
+def sample(name: str, **labels) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def version_meta(version: int, accuracy: float, backdoor: float, rule: str = "norm_clip") -> dict:
+    return {"version": version, "rule": rule,
+            "metrics": {"accuracy": accuracy, "loss": 1 - accuracy, "backdoor": {"pixel_pattern:0": backdoor},
+                        "backdoor_accuracy": backdoor}}
+
+
+def test_every_published_version_is_observed_once():
+    from aggregator.service import observe_version
+
+    def counts() -> tuple:
+        return (sample("fedguard_model_versions_total", outcome="applied"),
+                sample("fedguard_model_versions_total", outcome="failed"),
+                sample("fedguard_version_accuracy_count"), sample("fedguard_version_accuracy_drop_count"),
+                sample("fedguard_version_accuracy_drop_bucket", le="0.05"),
+                sample("fedguard_version_backdoor_accuracy_bucket", backdoor="pixel_pattern:0", le="0.1") or 0.0,
+                sample("fedguard_version_backdoor_accuracy_count", backdoor="pixel_pattern:0") or 0.0)
+
+    before = counts()
+    parent = version_meta(1, 0.80, 0.02)
+    observe_version(version_meta(2, 0.70, 0.5), parent, "applied")  # dropped 10 points, backdoor 50%
+    observe_version(version_meta(3, 0.81, 0.02), parent, "applied")
+    observe_version(version_meta(4, 0.81, 0.02), parent, "failed")
+    after = counts()
+    assert [a - b for a, b in zip(after, before)] == [2, 1, 3, 3, 2, 2, 3]
+
+
+def test_rule_info_names_only_the_latest_rule():
+    from aggregator.service import export_rule
+
+    export_rule("fedavg")
+    export_rule("krum")
+    assert sample("fedguard_model_rule_info", rule="krum") == 1
+    assert sample("fedguard_model_rule_info", rule="fedavg") is None
+
+
+def test_a_restarted_aggregator_exports_its_stored_version_not_zero(tmp_path):
+    """prometheus_client gauges start at 0: the latest-version gauges are labelled (absent until set) and set from
+    the store before the service connects to anything."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from aggregator.service import AggregatorService
+    from fedguard.modelstore import ModelStore
+
+    settings = Settings(data_dir=tmp_path, model_id="restarted")
+    assert sample("fedguard_model_version", model_id="restarted") is None  # not 0
+    store = ModelStore(settings.models_dir)
+    store.save(7, np.zeros(3, dtype=np.float32), version_meta(7, 0.83, 0.04, rule="median"))
+    AggregatorService._restore_metrics(SimpleNamespace(settings=settings, store=store))
+    assert sample("fedguard_model_version", model_id="restarted") == 7
+    assert sample("fedguard_model_accuracy", model_id="restarted") == 0.83
+    assert sample("fedguard_model_backdoor_accuracy", backdoor="pixel_pattern:0") == 0.04
+    assert sample("fedguard_model_rule_info", rule="median") == 1
+
+
+def test_active_attack_gauge():
+    from producers.campaign import Campaign
+    from producers.fleet import export_attack, running_attack
+
+    campaign = Campaign(kind="sybil", params={}, fraction=0.3, devices=["dev-0001"], start_version=5, rounds=2)
+    assert running_attack(None, 0) is None
+    assert running_attack(campaign, 0) == "sybil"  # started, even before its first round
+    assert running_attack(campaign, 2) is None  # its rounds are spent
+    campaign.stopped_at = 1.0
+    assert running_attack(campaign, 0) is None
+    export_attack("sybil")
+    assert sample("fedguard_fleet_attack_active", kind="sybil") == 1
+    assert sample("fedguard_fleet_attack_active", kind="gaussian") == 0
+    export_attack(None)
+    assert sample("fedguard_fleet_attack_active", kind="sybil") == 0
+
+
+def test_processors_export_lag_of_assigned_partitions_only():
+    """What the processors' timer does with Faust's consumer (a stand-in with its three calls): the next offset to
+    process is the one after the last processed record, or the consumer's position before any; a partition moved
+    to another worker loses its series here."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from processors.app import ConsumerPositions, export_consumer_lag
+
+    class Consumer:
+        def __init__(self, assigned):
+            self.assigned = assigned
+
+        def assignment(self):
+            return {TopicPartition(t, p) for t, p in self.assigned}
+
+        def highwater(self, tp):
+            return {("raw-t", 0): 12, ("raw-t", 1): 30, ("other", 0): 99}[(tp.topic, tp.partition)]
+
+        async def position(self, tp):
+            return 25
+
+    positions = ConsumerPositions()
+    positions.processed("raw-t", [SimpleNamespace(message=SimpleNamespace(partition=0, offset=9))])
+    exported = asyncio.run(export_consumer_lag(Consumer({("raw-t", 0), ("raw-t", 1), ("other", 0)}), positions,
+                                               ("raw-t",), set()))
+    assert exported == {("raw-t", 0), ("raw-t", 1)}
+    assert sample("fedguard_consumer_lag_records", topic="raw-t", partition="0") == 2  # 12 - (9 + 1)
+    assert sample("fedguard_consumer_lag_records", topic="raw-t", partition="1") == 5  # 30 - position 25
+    assert asyncio.run(export_consumer_lag(Consumer({("raw-t", 1)}), positions, ("raw-t",), exported)) == \
+        {("raw-t", 1)}
+    assert sample("fedguard_consumer_lag_records", topic="raw-t", partition="0") is None
+    assert ("raw-t", 0) not in positions.next_offset
+
+
+def test_consumer_lag_is_end_minus_next_offset():
+    from processors.app import consumer_lag
+
+    assert consumer_lag(15, 10) == 5
+    assert consumer_lag(10, 10) == 0
+    assert consumer_lag(8, 10) == 0  # a fetch response older than what was processed since
+    assert consumer_lag(None, 10) is None and consumer_lag(10, None) is None
 
 
 def test_grafana_provisioning():
