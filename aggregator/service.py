@@ -165,7 +165,7 @@ class AggregatorService:
         self._restore_metrics()  # before the slow set-up below: the metrics endpoint already serves
         self.redis = registry.connect(settings)
         self.task = load_task(settings.task, seed=settings.seed)
-        self.spec = model_spec(self.task)
+        self.spec = model_spec(self.task, settings.hidden_widths())
         self.model = build_model(self.spec, seed=settings.seed)
         self.evaluator = Evaluator(self.task, build_model(self.spec), parse_backdoors(settings.backdoor_eval, self.task))
         declare_backdoors(self.evaluator.triggers)

@@ -47,6 +47,9 @@ class Settings:
     model_id: str = "fedguard"
     task: str = "fashion-mnist"
     seed: int = 0
+    # Hidden layer widths of the task's MLP, comma-separated ("126": 100,180 parameters on Fashion-MNIST); empty: the
+    # task's tuned default (fedguard/tasks/models.py). Every service must agree: the validator checks the size.
+    model_hidden: str = ""
 
     # Device fleet.
     num_devices: int = 100
@@ -164,6 +167,19 @@ class Settings:
     @property
     def server_key_path(self) -> Path:
         return self.data_dir / "server.key"
+
+    def hidden_widths(self) -> tuple[int, ...] | None:
+        """``model_hidden`` as widths for ``model_spec``; None for the task's default."""
+        if not self.model_hidden.strip():
+            return None
+        try:
+            widths = tuple(int(w) for w in self.model_hidden.split(","))
+        except ValueError:
+            raise ValueError(f"FEDGUARD_MODEL_HIDDEN must be comma-separated widths, e.g. 126 or 256,64; got "
+                             f"{self.model_hidden!r}") from None
+        if any(w < 1 for w in widths):
+            raise ValueError(f"FEDGUARD_MODEL_HIDDEN widths must be >= 1; got {self.model_hidden!r}")
+        return widths
 
     def redis_key(self, *parts: object) -> str:
         return ":".join([self.redis_prefix, *map(str, parts)])

@@ -379,7 +379,7 @@ class WindowStage:
 
 # -- the app ----------------------------------------------------------------------------------------------------------
 def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
-    spec = model_spec(load_task(settings.task, seed=settings.seed))  # the task actually available
+    spec = model_spec(load_task(settings.task, seed=settings.seed), settings.hidden_widths())  # the task actually available
     # The secret sketch the window stage detects on (fedguard/sketch.py): one seed per deployment, in Redis.
     sketch_spec = SketchSpec(spec.num_params, settings.detector_sketch_k,
                              registry.sketch_seed(registry.connect(settings), settings))

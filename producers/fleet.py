@@ -93,7 +93,7 @@ class Fleet:
         self.server_public = public_from_hex(server_hex)
         self.aead_keys = {d: self._derive(d) for d in self.ids}
         self.task = load_task(settings.task, seed=settings.seed)
-        self.spec = model_spec(self.task)
+        self.spec = model_spec(self.task, settings.hidden_widths())
         self.model = build_model(self.spec, seed=settings.seed)
         # The same split and training seeds as the in-process simulation (producers/sampling.py).
         self.shards = fleet_shards(self.task.y_train, settings.num_devices, settings.dirichlet_alpha, settings.seed)

@@ -66,7 +66,7 @@ def flood_records(settings: Settings, device_id: str, count: int, num_params: in
     if num_params is None:
         from fedguard.tasks import load_task, model_spec
 
-        num_params = model_spec(load_task(settings.task, seed=settings.seed)).num_params
+        num_params = model_spec(load_task(settings.task, seed=settings.seed), settings.hidden_widths()).num_params
     client = registry.connect(settings)
     server_hex = client.get(registry.server_public_key(settings))
     if not server_hex:

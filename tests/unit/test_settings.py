@@ -26,3 +26,18 @@ def test_env_round_trip():
 def test_standard_variables_win():
     s = from_env({"KAFKA_BOOTSTRAP_SERVERS": "k:1", "REDIS_URL": "redis://r:2/0", "FEDGUARD_TOPIC_RAW": "raw2"})
     assert s.kafka_bootstrap == "k:1" and s.redis_url == "redis://r:2/0" and s.topics.raw == "raw2"
+
+
+def test_model_hidden_widths():
+    import pytest
+
+    from fedguard.settings import Settings
+    from fedguard.tasks.models import model_spec
+
+    assert Settings().hidden_widths() is None
+    assert Settings(model_hidden="126").hidden_widths() == (126,)
+    assert Settings(model_hidden="256, 64").hidden_widths() == (256, 64)
+    assert model_spec("fashion-mnist", Settings(model_hidden="126").hidden_widths()).num_params == 100_180
+    for bad in ("a", "0", "12,-1"):
+        with pytest.raises(ValueError, match="FEDGUARD_MODEL_HIDDEN"):
+            Settings(model_hidden=bad).hidden_widths()
