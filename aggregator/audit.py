@@ -34,6 +34,11 @@ For each output class ``t`` the audit reverse-engineers the smallest trigger tha
 
   a class with ``a_t > threshold`` (2, i.e. below the median by more than two consistent MAD-sigmas) is flagged
   (``reason "absolute"``). Only the small side counts: a backdoor makes a trigger *smaller*.
+* Added here: the absolute test also needs ``n_t <= abs_max_ratio * median(n)`` (0.7). When the clean classes'
+  norms are tightly clustered (digits, 8x8 inputs: MAD ~6% of the median) the MAD index alone exceeds 2 for a class
+  only ~20% below the median: in two clean 40-version digits runs, 3 versions after round 3 had index 2.2-2.3 at
+  ratios 0.77-0.82, while every digits version with backdoor accuracy >= 50% had ratio <= 0.64 (docs/audit.md). On
+  Fashion-MNIST a backdoored class sits at ~0.2 of the median.
 
 Differential audit (new here; derived from the same measurement)
 ----------------------------------------------------------------
@@ -119,6 +124,7 @@ class AuditConfig:
     patience: int = 5
     attack_success: float = 0.99
     threshold: float = 2.0
+    abs_max_ratio: float = 0.7
     drop_ratio: float = 0.7
     diff_threshold: float = 3.0
     diff_mad_floor: float = 0.05
@@ -141,6 +147,8 @@ class AuditConfig:
             raise ValueError(f"AuditConfig.lambda_up must be > 1, got {self.lambda_up!r}")
         if not 0 < self.attack_success <= 1:
             raise ValueError(f"AuditConfig.attack_success must be in (0, 1], got {self.attack_success!r}")
+        if not 0 < self.abs_max_ratio <= 1:
+            raise ValueError(f"AuditConfig.abs_max_ratio must be in (0, 1], got {self.abs_max_ratio!r}")
         if not 0 < self.drop_ratio < 1:
             raise ValueError(f"AuditConfig.drop_ratio must be in (0, 1), got {self.drop_ratio!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -440,7 +448,8 @@ def audit_model(model: nn.Module, x_audit: np.ndarray, config: AuditConfig | Non
 
     anomaly = anomaly_index(norms)
     candidates: dict[int, set[str]] = {}
-    for t in np.flatnonzero(anomaly > config.threshold):
+    small = norms <= config.abs_max_ratio * float(np.median(norms))
+    for t in np.flatnonzero((anomaly > config.threshold) & small):
         candidates.setdefault(int(t), set()).add("absolute")
     ratios = diff = None
     if ref is not None:

@@ -15,10 +15,24 @@ offset is committed, so the service goes on with the next window. Publishing N+1
 keeps the pipeline moving: the processors close exactly one window per base version (processors/windows.py), so
 no second window for version N would ever come, and the devices would keep training on a version nobody
 aggregates. The window's updates are lost to aggregation; the version's record says so and why.
+
+Model audit (issue 14, :mod:`aggregator.auditing`, docs/audit.md): every candidate the rule makes is audited
+before it is saved. Clean: saved and served as usual. Flagged: version N+1 carries version N's parameters (the last
+served ones; ``rule_info.params_from = N``, ``rule_info.withheld`` says why) and its ``audit`` metadata holds the
+verdict, the scores, the candidate's sha256 and metrics, and the members the candidate is attributed to; those
+devices are quarantined (:func:`fedguard.registry.quarantine_device`, by ``audit``: released only by an operator),
+each with a ``quarantined`` event on ``fl.events``, plus one ``audit_flagged`` event for the version. The quarantine
+happens before the version is saved, so a crash in between re-does it (idempotent) when the window is re-delivered.
+Every version's ``audit`` says its verdict (``clean``, ``flagged`` or ``skipped`` with ``why``).
+
+Operator rollback (:mod:`fedguard.lineage`): before each window, and every poll (0.5 s) when idle, a pending request
+is applied: version N+1 with the parameters of the requested version (``rule_info.rollback``); a request already
+applied before a crash (its id on the current version) is only removed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -26,6 +40,7 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
+import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
@@ -33,12 +48,13 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from aggregator.auditing import FLAGGED, VERDICTS, AuditOutcome, Auditor, carried_over, reference_norms, served_audits
 from aggregator.combine import ConfiguredRule, WindowInputs, noise_generator, server_update
 from aggregator.evaluation import Evaluator, declare_backdoors, observe_backdoors, parse_backdoors
 from aggregator.evaluation import export as export_metrics
 from aggregator.rules import PreconditionError
-from fedguard import records, registry
-from fedguard.modelstore import ModelStore, ModelVersion
+from fedguard import lineage, records, registry
+from fedguard.modelstore import ModelStore, ModelVersion, WeightsPruned
 from fedguard.settings import Settings
 from fedguard.tasks import build_model, get_flat_params, load_task, model_spec, set_flat_params
 from fedguard.weighting import admitted, sample_weights
@@ -71,6 +87,17 @@ ROUND_SECONDS = Histogram("fedguard_round_latency_seconds", "From a window's fir
 AGGREGATE_SECONDS = Histogram("fedguard_aggregate_seconds", "Fetch + aggregate + evaluate + persist one window",
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
 UPDATES_AGGREGATED = Counter("fedguard_updates_aggregated_total", "Updates that entered an aggregate")
+AUDIT_SECONDS = Histogram("fedguard_audit_seconds", "Wall time of the model audit of one candidate version (Neural "
+                          "Cleanse, and the attribution when flagged)",
+                          buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 2.5, 3, 5, 10))
+AUDIT_VERDICTS = Counter("fedguard_audit_verdicts_total", "Candidate versions by audit verdict: clean (served), "
+                         "flagged (not served: the version carries the last served parameters), skipped (warm-up, "
+                         "parameters carried over, audit off or not applicable to the task)", ["verdict"])
+AUDIT_ATTRIBUTED = Counter("fedguard_audit_attributed_total", "Window members a flagged version was attributed to "
+                           "(each one quarantined)")
+AUDIT_ANOMALY = Histogram("fedguard_audit_anomaly_index", "Largest Neural Cleanse anomaly index of every audited "
+                          "candidate (a class above 2 whose trigger norm is at most 0.7 of the median is flagged)",
+                          buckets=(0.5, 1, 1.5, 2, 2.5, 3, 4, 6, 10))
 
 
 class ConsumerLag(Collector):
@@ -110,10 +137,12 @@ CONSUMER_LAG = ConsumerLag()
 REGISTRY.register(CONSUMER_LAG)
 
 # Create every labelled series at zero, so the first increase of each is visible to rate() and increase().
-for _outcome in ("applied", "already_applied", "out_of_order", "rule_skipped", "failed"):
+for _outcome in ("applied", "already_applied", "out_of_order", "rule_skipped", "failed", "audit_flagged"):
     WINDOWS.labels(_outcome)
-for _outcome in ("applied", "rule_skipped", "failed", "initial"):
+for _outcome in ("applied", "rule_skipped", "failed", "initial", "audit_flagged", "rollback"):
     VERSIONS.labels(_outcome)
+for _verdict in VERDICTS:
+    AUDIT_VERDICTS.labels(_verdict)
 
 
 def accuracy_drop(parent_metrics: dict[str, Any], metrics: dict[str, Any]) -> float:
@@ -147,6 +176,21 @@ def observe_version(meta: dict[str, Any], parent_meta: dict[str, Any] | None, ou
     observe_backdoors(meta["metrics"])
 
 
+def observe_audit(audit: AuditOutcome) -> None:
+    """Count a published version's audit verdict and observe its time, anomaly index and attributed members."""
+    AUDIT_VERDICTS.labels(audit.verdict).inc()
+    if audit.scores is not None:
+        AUDIT_SECONDS.observe(audit.seconds)
+        if audit.scores.get("max_anomaly_index") is not None:
+            AUDIT_ANOMALY.observe(audit.scores["max_anomaly_index"])
+    AUDIT_ATTRIBUTED.inc(len(audit.attributed))
+
+
+def params_sha256(params: np.ndarray) -> str:
+    """sha256 of the parameters as little-endian float32 (a withheld candidate's fingerprint)."""
+    return hashlib.sha256(np.ascontiguousarray(params, dtype="<f4").tobytes()).hexdigest()
+
+
 class WindowFetchError(RuntimeError):
     """The tensors a window names cannot be read from ``fl.updates.valid``; the message says which and why."""
 
@@ -168,6 +212,8 @@ class AggregatorService:
         self.spec = model_spec(self.task, settings.hidden_widths())
         self.model = build_model(self.spec, seed=settings.seed)
         self.evaluator = Evaluator(self.task, build_model(self.spec), parse_backdoors(settings.backdoor_eval, self.task))
+        self.auditor = Auditor(self.task, self.spec, settings.audit, settings.audit_time_budget_s,
+                               seed=settings.seed)
         declare_backdoors(self.evaluator.triggers)
         big = settings.max_payload_bytes + 1024 * 1024
         common = dict(bootstrap_servers=settings.kafka_bootstrap, client_id="fedguard-aggregator")
@@ -179,6 +225,7 @@ class AggregatorService:
         self.fetcher = KafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=big, fetch_max_bytes=big,
                                      **common)
         self.current: ModelVersion | None = None
+        self._rollback_unreadable = False
 
     # -- start-up ---------------------------------------------------------------------------------------------
     def start(self) -> ModelVersion:
@@ -186,8 +233,9 @@ class AggregatorService:
         if current is None:
             params = get_flat_params(self.model)
             metrics = self._evaluate(params)
+            initial = AuditOutcome("skipped", why="version 0 (the initial model) is not audited")
             meta = self.store.save(0, params, self._meta(parent=None, window=None, metrics=metrics,
-                                                         accepted=0, members=0))
+                                                         accepted=0, members=0, audit=initial))
             current = ModelVersion(meta=meta, params=params)
             log.info("initialised version 0 (accuracy %.4f)", metrics["accuracy"])
             observe_version(meta, None, "initial")
@@ -201,9 +249,11 @@ class AggregatorService:
     def run(self, stop: threading.Event) -> None:
         self.start()
         while not stop.is_set():
+            self.apply_pending_rollback()
             batch = self.windows.poll(timeout_ms=500)
             for tp, messages in batch.items():
                 for message in messages:
+                    self.apply_pending_rollback()
                     self.handle_window(records.loads(message.value))
                     self.windows.commit({tp: OffsetAndMetadata(message.offset + 1, "", -1)})
                     self._export_lag(tp, message.offset + 1)
@@ -215,7 +265,13 @@ class AggregatorService:
         assert current is not None
         if window["window_id"] == current.meta.get("window_id") or window["base_version"] < current.version:
             WINDOWS.labels("already_applied").inc()
-            log.info("window %s already applied (current version %d): skipped", window["window_id"], current.version)
+            after = self._version_after(window["base_version"])
+            if (after.get("rule_info") or {}).get("rollback"):
+                log.warning("window %s for version %d superseded by the rollback of version %d: skipped",
+                            window["window_id"], window["base_version"], after["version"])
+            else:
+                log.info("window %s already applied (current version %d): skipped", window["window_id"],
+                         current.version)
             return None
         if window["base_version"] != current.version:
             # Cannot happen while the validator rejects future base versions; refuse rather than guess.
@@ -253,19 +309,135 @@ class AggregatorService:
         if "skipped" in result_info:
             WINDOWS.labels("rule_skipped").inc()
             log.warning("window %s: %s", window["window_id"], result_info["skipped"])
+            audit = carried_over(current.version)
+        else:
+            audit = self._audit(params, current, accepted, deltas)
+        audit_meta = audit.to_meta()
+        if audit.verdict == FLAGGED:
+            # Not served: the version carries the last served parameters; the candidate is kept as evidence only by
+            # its fingerprint and metrics.
+            audit_meta["candidate"] = {"sha256": params_sha256(params), "metrics": self._evaluate(params)}
+            result_info["params_from"] = current.version
+            result_info["withheld"] = (f"the audit flagged class {audit.flagged_class} of the candidate: parameters "
+                                       f"of version {current.version} carried into version {current.version + 1}")
+            params = current.params
+            self._respond_to_flag(audit, window, current.version + 1)
         metrics = self._evaluate(params)
         meta = self._meta(parent=current.version, window=window, metrics=metrics,
                           accepted=len(accepted), members=len(window["members"]), info=result_info)
+        meta["audit"] = audit_meta
         meta = self.store.save(current.version + 1, params, meta)
         new = ModelVersion(meta=meta, params=params)
         self._publish(new)
-        observe_version(meta, current.meta, "rule_skipped" if "skipped" in result_info else "applied")
-        UPDATES_AGGREGATED.inc(len(accepted))
-        WINDOWS.labels("applied").inc()
+        outcome = "audit_flagged" if audit.verdict == FLAGGED else "rule_skipped" if "skipped" in result_info \
+            else "applied"
+        observe_version(meta, current.meta, outcome)
+        observe_audit(audit)
+        if audit.verdict != FLAGGED:  # a withheld candidate's updates entered no served aggregate
+            UPDATES_AGGREGATED.inc(len(accepted))
+        WINDOWS.labels("audit_flagged" if audit.verdict == FLAGGED else "applied").inc()
         AGGREGATE_SECONDS.observe(time.perf_counter() - started)
         ROUND_SECONDS.observe(max(0.0, time.time() - window["opened_at"]))
-        log.info("version %d from window %s: %d/%d accepted, accuracy %.4f", new.version, window["window_id"],
-                 len(accepted), len(window["members"]), metrics["accuracy"])
+        log.info("version %d from window %s: %d/%d accepted, accuracy %.4f, audit %s%s", new.version,
+                 window["window_id"], len(accepted), len(window["members"]), metrics["accuracy"], audit.verdict,
+                 f" ({audit.why})" if audit.why else "")
+        return new
+
+    def _version_after(self, version: int) -> dict[str, Any]:
+        try:
+            return self.store.meta(version + 1)
+        except FileNotFoundError:
+            return {}
+
+    # -- the model audit ----------------------------------------------------------------------------------------
+    def _audit(self, candidate: np.ndarray, current: ModelVersion, accepted: list[dict[str, Any]],
+               deltas: np.ndarray) -> AuditOutcome:
+        """The audit of the candidate made from ``current``'s window (see :mod:`aggregator.auditing`)."""
+        if self.auditor.skipped is not None:
+            return self.auditor.audit_candidate(candidate, current.params, {})
+        s = self.settings
+        history = served_audits(self.store.meta, current.version,
+                                max(s.audit_reference_versions, s.audit_warmup_versions))
+        reference = reference_norms(history[:s.audit_reference_versions], self.task.num_classes)
+        members = {m["device_id"]: deltas[i] for i, m in enumerate(accepted)}
+        try:
+            return self.auditor.audit_candidate(candidate, current.params, members, reference,
+                                                warmup=len(history) < s.audit_warmup_versions)
+        except Exception as exc:  # noqa: BLE001 - a bug in the audit must not stop the pipeline: served, logged
+            log.exception("audit of the candidate of version %d failed", current.version + 1)
+            return AuditOutcome("skipped", why=f"audit error: {type(exc).__name__}: {exc}")
+
+    def _respond_to_flag(self, audit: AuditOutcome, window: dict[str, Any], version: int) -> None:
+        """Quarantine the devices a flagged version is attributed to and publish the events on ``fl.events``."""
+        events = []
+        for device in audit.attributed:
+            reason = (f"model audit: version {version} (window {window['window_id']}) backdoored class "
+                      f"{audit.flagged_class}; this device's update alone pushed it")
+            try:
+                event = registry.quarantine_device(self.redis, self.settings, str(device), reason, by="audit")
+            except (KeyError, ValueError) as exc:  # not enrolled any more, or revoked: nothing to quarantine
+                log.warning("audit: device %s not quarantined: %s", device, exc)
+                continue
+            events.append({**event, "version": version, "window_id": window["window_id"]})
+        scores = audit.scores or {}
+        events.append({"type": "audit_flagged", "device_id": None, "model_id": self.settings.model_id,
+                       "version": version, "window_id": window["window_id"], "flagged_class": audit.flagged_class,
+                       "reasons": scores.get("reasons", []), "max_anomaly_index": scores.get("max_anomaly_index"),
+                       "attributed": [str(d) for d in audit.attributed], "params_from": version - 1,
+                       "at": time.time(), "detail": f"version {version} not served: the audit flagged class "
+                       f"{audit.flagged_class} ({', '.join(scores.get('reasons', []))}); attributed to "
+                       f"{', '.join(map(str, audit.attributed)) or 'nobody'}"})
+        for event in events:
+            key = (event["device_id"] or self.settings.model_id).encode()
+            self.producer.send(self.settings.topics.events, key=key, value=records.dumps(event))
+        self.producer.flush(timeout=30)
+        log.warning("audit flagged the candidate of version %d (class %s, %s): not served; quarantined %s", version,
+                    audit.flagged_class, ", ".join(scores.get("reasons", [])),
+                    ", ".join(map(str, audit.attributed)) or "nobody")
+
+    # -- operator rollback --------------------------------------------------------------------------------------
+    def apply_pending_rollback(self) -> ModelVersion | None:
+        """Apply the pending rollback request, if any (see :mod:`fedguard.lineage`); returns the new version."""
+        try:
+            request = lineage.pending_rollback(self.redis, self.settings)
+        except redis.RedisError as exc:  # an outage must not stop the service: the request waits in Redis
+            if not self._rollback_unreadable:
+                log.warning("rollback requests cannot be read from Redis (%s); trying again every poll", exc)
+            self._rollback_unreadable = True
+            return None
+        self._rollback_unreadable = False
+        if request is None:
+            return None
+        current = self.current
+        assert current is not None
+        if (current.meta.get("rule_info") or {}).get("rollback", {}).get("request_id") == request.get("id"):
+            lineage.clear_rollback(self.redis, self.settings, request)  # applied before a restart
+            return None
+        try:
+            if "invalid" in request:
+                raise lineage.RollbackError(f"unreadable request {request['invalid']!r}")
+            target = self.store.load(lineage.rollback_target(self.store, request["to"]))
+        except (lineage.RollbackError, WeightsPruned, FileNotFoundError) as exc:
+            log.error("rollback request refused: %s", exc)
+            lineage.clear_rollback(self.redis, self.settings, request)
+            return None
+        rollback = {"to": target.version, "by": request.get("by", "operator"), "reason": request.get("reason", ""),
+                    "request_id": request.get("id"), "requested_at": request.get("requested_at")}
+        info = {"selected": [], "params_from": target.version, "rollback": rollback}
+        meta = self._meta(parent=current.version, window=None, metrics=target.meta["metrics"], accepted=0, members=0,
+                          info=info, audit=carried_over(target.version))
+        meta = self.store.save(current.version + 1, target.params, meta)
+        new = ModelVersion(meta=meta, params=target.params)
+        self._publish(new)
+        observe_version(meta, current.meta, "rollback")
+        lineage.clear_rollback(self.redis, self.settings, request)
+        self.producer.send(self.settings.topics.events, key=self.settings.model_id.encode(), value=records.dumps({
+            "type": "rollback", "device_id": None, "model_id": self.settings.model_id, "version": new.version,
+            "to": target.version, "by": rollback["by"], "reason": rollback["reason"], "at": time.time(),
+            "detail": f"version {new.version} has the parameters of version {target.version} ({rollback['by']}"
+                      f"{': ' + rollback['reason'] if rollback['reason'] else ''})"})).get(timeout=30)
+        log.warning("rollback: version %d has the parameters of version %d (%s%s)", new.version, target.version,
+                    rollback["by"], f": {rollback['reason']}" if rollback["reason"] else "")
         return new
 
     def fetch_updates(self, members: list[dict[str, Any]]) -> np.ndarray:
@@ -301,18 +473,19 @@ class AggregatorService:
         for partition, offsets in wanted.items():
             tp = TopicPartition(topic, partition)
             self.fetcher.assign([tp])
-            start, end = self.fetcher.beginning_offsets([tp])[tp], self.fetcher.end_offsets([tp])[tp]
-            gone, beyond = sorted(o for o in offsets if o < start), sorted(o for o in offsets if o >= end)
+            start = self.fetcher.beginning_offsets([tp])[tp]
+            gone = sorted(o for o in offsets if o < start)
             if gone:
                 raise WindowFetchError(f"{topic}[{partition}] offsets {gone} were deleted (the log starts at {start})")
-            if beyond:
-                raise WindowFetchError(f"{topic}[{partition}] offsets {beyond} are past the end of the partition "
-                                       f"(next offset {end})")
+            # The partition's end is taken from the fetch responses (the consumer's highwater), not from ListOffsets:
+            # the embedded broker answers that with the base offset of the last stored *batch* + 1, which is short
+            # of the true end when a producer wrote several records in one batch (../shared/BROKER.md).
             self.fetcher.seek(tp, min(offsets))
             missing, last = set(offsets), max(offsets)
             deadline = time.monotonic() + self.FETCH_TIMEOUT_S
             while missing and time.monotonic() < deadline:
-                for message in self.fetcher.poll(timeout_ms=1000).get(tp, []):
+                polled = self.fetcher.poll(timeout_ms=1000).get(tp, [])
+                for message in polled:
                     if message.offset in missing:
                         try:
                             _, tensor = records.decode_valid(message.value, self.spec.num_params)
@@ -323,7 +496,15 @@ class AggregatorService:
                         missing.discard(message.offset)
                 if self.fetcher.position(tp) > last:
                     break  # read past every wanted offset: what is still missing is not there
+                end = self.fetcher.highwater(tp)
+                if not polled and end is not None and self.fetcher.position(tp) >= end:
+                    break  # read everything the partition holds
             if missing:
+                end = self.fetcher.highwater(tp)
+                beyond = sorted(o for o in missing if end is not None and o >= end)
+                if beyond:
+                    raise WindowFetchError(f"{topic}[{partition}] offsets {beyond} are past the end of the partition "
+                                           f"(next offset {end})")
                 raise WindowFetchError(f"{topic}[{partition}] offsets {sorted(missing)} not found")
         out = np.empty((len(members), self.spec.num_params), dtype=np.float32)
         for i, m in enumerate(members):
@@ -342,11 +523,13 @@ class AggregatorService:
                   current.version + 1, current.version)
         info = {"selected": [], "failed": reason, "params_from": current.version}
         meta = self._meta(parent=current.version, window=window, metrics=current.meta["metrics"],
-                          accepted=len(accepted), members=len(window["members"]), info=info)
+                          accepted=len(accepted), members=len(window["members"]), info=info,
+                          audit=carried_over(current.version))
         meta = self.store.save(current.version + 1, current.params, meta)
         new = ModelVersion(meta=meta, params=current.params)
         self._publish(new)
         observe_version(meta, current.meta, "failed")
+        observe_audit(carried_over(current.version))
         return new
 
     # -- per-window inputs of the rules ---------------------------------------------------------------------
@@ -387,7 +570,7 @@ class AggregatorService:
     def _evaluate(self, params: np.ndarray) -> dict[str, Any]:
         return self.evaluator(set_flat_params, params)
 
-    def _meta(self, *, parent, window, metrics, accepted, members, info=None) -> dict[str, Any]:
+    def _meta(self, *, parent, window, metrics, accepted, members, info=None, audit=None) -> dict[str, Any]:
         return {
             "model_id": self.settings.model_id, "parent": parent,
             "round": 0 if parent is None else parent + 1,
@@ -398,6 +581,7 @@ class AggregatorService:
             "members": members, "accepted": accepted,
             "task": self.task.name, "metrics": metrics,
             "created_at": time.time(),
+            **({"audit": audit.to_meta()} if audit is not None else {}),
         }
 
     def _publish(self, version: ModelVersion) -> None:

@@ -12,9 +12,11 @@ See what happened:
   fedguard events              security events (flags, quarantines, replays, rate limits)
   fedguard reasons             the reason codes and what each means
   fedguard devices show ID     a device's trust and its last windows' verdicts
+  fedguard versions            the model lineage with the audit's verdicts
 Operate:
   fedguard init                topics, server key, operator credential, device enrollment
   fedguard devices enroll|revoke|rotate|list|quarantine|release
+  fedguard rollback --to V     serve version V's parameters again
   fedguard grafana push        upload the dashboards to a Grafana (GRAFANA_URL, GRAFANA_TOKEN)
 Measure:
   fedguard eval                the attack x defence matrix, in process: tables, heat maps, curves
@@ -473,6 +475,40 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_versions(args: argparse.Namespace) -> int:
+    import json
+
+    from fedguard import lineage
+    from fedguard.modelstore import ModelStore
+
+    settings = settings_from(args)
+    rows = lineage.lineage(ModelStore(settings.models_dir), last=args.last)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no model versions in {settings.models_dir}; start the pipeline first (fedguard up)")
+        return 0
+    print("\n".join(lineage.format_lineage(rows)))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from fedguard import lineage, registry
+    from fedguard.modelstore import ModelStore
+
+    settings = settings_from(args)
+
+    def run() -> int:
+        request = lineage.request_rollback(registry.connect(settings), settings, ModelStore(settings.models_dir),
+                                           args.to, args.reason or "")
+        print(f"rollback requested: the aggregator publishes version {request['from'] + 1} with the parameters of "
+              f"version {args.to} before its next window (`fedguard versions` shows it)")
+        return 0
+
+    return _operator_call(run)  # a missing credential exits 3; an unknown or pruned version is one line, exit 1
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     from fedguard.watch import metrics_endpoints, run_watch
 
@@ -698,6 +734,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reasons", help="the reason codes of rejected records and what each means")
     p.add_argument("--markdown", action="store_true", help="the table of docs/reason-codes.md")
     p.set_defaults(func=cmd_reasons)
+
+    p = sub.add_parser("versions", help="the model lineage: each version's parent, window, rule, accuracy and audit",
+                       description="Each version with its parent, window, rule, main and backdoor accuracy and the "
+                       "audit's verdict (clean, flagged: not served, skipped), and where its parameters came from "
+                       "(a flagged candidate, a failed window or a rollback carries earlier parameters).")
+    _connection(p)
+    p.add_argument("--last", type=int, default=20, help="how many of the latest versions (default 20)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("rollback", help="serve an earlier version's parameters again (operator credential)",
+                       description="Asks the aggregator (the only writer of versions) to publish the next version "
+                       "with the parameters of version TO, so the chain stays gapless; it does so before its next "
+                       "window. TO must still have its weights (retention keeps the last 50 and every 100th).")
+    _connection(p)
+    p.add_argument("--to", type=int, required=True, metavar="VERSION", help="the version whose parameters to serve")
+    p.add_argument("--reason", default="", help="why (kept in the version's metadata)")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("watch", help="a live terminal view of a running stack (embedded or compose)",
                        description="Versions with main and backdoor accuracy (sparklines), the active attack, "

@@ -14,6 +14,7 @@ Every key is namespaced by ``Settings.redis_prefix`` (default ``fedguard``):
 | ``fedguard:audit`` | list | JSON records of operator actions (enroll, revoke, rotate), newest first, capped at 10,000 |
 | ``fedguard:server:public_key`` | string | the server's X25519 public key (hex) that devices seal to |
 | ``fedguard:model:<model id>:version`` | string | the current global model version, written by the aggregator |
+| ``fedguard:quarantined`` | set | devices quarantined by *reputation*, which the probation timer releases (written by processors/defence.py); a device quarantined by an operator or by the model audit (:func:`quarantine_device`) is taken out of it: only an operator releases it |
 | ``fedguard:detector:sketch_seed`` | string | the secret seed of the update sketch (fedguard/sketch.py), made once with SET NX by the first processors worker; server-side like a key, never sent to devices |
 """
 
@@ -81,6 +82,10 @@ def fleet_hold_key(settings: Settings) -> str:
 def fleet_held_key(settings: Settings) -> str:
     """The fleet's answer to a hold: the version it is holding on (it sent nothing for that version)."""
     return settings.redis_key("fleet", settings.model_id, "held")
+
+
+def quarantined_key(settings: Settings) -> str:
+    return settings.redis_key("quarantined")
 
 
 def sketch_seed_key(settings: Settings) -> str:
@@ -164,6 +169,26 @@ def set_public_key(client: redis.Redis, settings: Settings, device_id: str, publ
     _update_device(client, settings, device_id, {"public_key": public_key_hex, "key_rotated_at": f"{time.time():.3f}"},
                    increment="key_version")
     return old
+
+
+def quarantine_device(client: redis.Redis, settings: Settings, device_id: str, reason: str, by: str = "operator"
+                      ) -> dict:
+    """Quarantine a device until an operator releases it: the validator refuses its updates (the registry status
+    and its auth string), the fleet stops sampling it, the reputation's probation timer does not release it (it
+    leaves the timer's set), and the audit list records it. ``by``: who decided (``operator``, or ``audit``: the
+    aggregator's model audit attributed a backdoored version to it). Returns the ``fl.events`` record for the
+    caller to publish. ``KeyError``: not enrolled; ``ValueError``: revoked (revocation is terminal)."""
+    entry = get_device(client, settings, device_id)
+    if entry is None:
+        raise KeyError(f"device {device_id!r} is not enrolled")
+    if entry.get("status") == REVOKED:
+        raise ValueError(f"device {device_id!r} is revoked; revocation is terminal")
+    why = f"{by}: {reason}".strip()
+    set_device_status(client, settings, device_id, QUARANTINED, why)
+    client.srem(quarantined_key(settings), device_id)
+    audit(client, settings, "quarantine", device_id, reason if by == "operator" else why)
+    return {"type": "quarantined", "device_id": device_id, "by": by, "reason": why,
+            "previous_status": entry.get("status"), "at": time.time(), "detail": why}
 
 
 def list_devices(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:

@@ -31,6 +31,7 @@ class Topics:
 
 
 DETECTION_MODES = ("ensemble", "none")
+AUDIT_MODES = ("neural_cleanse", "none")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,18 @@ class Settings:
     # Backdoor accuracy measured on every version (aggregator/evaluation.py): "pixel_pattern:<target>[:<size>],...";
     # a measurement for operators and experiments, never read by a detector or a rule. Empty: none.
     backdoor_eval: str = "pixel_pattern:0"
+    # Model audit (issue 14, aggregator/auditing.py, docs/audit.md): "neural_cleanse" audits every candidate version
+    # for a backdoor without knowing the trigger; a flagged version is not served (the next version carries the last
+    # served parameters) and the window members that pushed it are quarantined. "none": off. Secure by default; on a
+    # task it cannot judge (not images, or fewer than 3 classes: the synthetic task) each version records why it was
+    # skipped. The budget bounds one audit's wall time (~1.3 s of CPU on the demo's model, docs/audit.md); the
+    # differential test compares with the per-class median of the last N served versions' audits; the first W
+    # audited versions of the served lineage are audited but not judged (warm-up: an undertrained model's trigger
+    # norms are not meaningful; their norms start the reference).
+    audit: str = "neural_cleanse"
+    audit_time_budget_s: float = 2.0
+    audit_reference_versions: int = 3
+    audit_warmup_versions: int = 3
     # Model store retention (fedguard/modelstore.py): weights of the last N versions, of every K-th, of version 0
     # and of pinned versions; every version's metadata (the lineage) is kept.
     model_store_keep_last: int = 50
@@ -144,6 +157,12 @@ class Settings:
     def __post_init_checks(self) -> None:
         if self.detection not in DETECTION_MODES:
             raise ValueError(f"detection must be one of {DETECTION_MODES}, got {self.detection!r}")
+        if self.audit not in AUDIT_MODES:
+            raise ValueError(f"FEDGUARD_AUDIT must be one of {AUDIT_MODES}, got {self.audit!r}")
+        if not self.audit_time_budget_s > 0 or self.audit_reference_versions < 1 or self.audit_warmup_versions < 0:
+            raise ValueError(f"FEDGUARD_AUDIT_TIME_BUDGET_S must be > 0, FEDGUARD_AUDIT_REFERENCE_VERSIONS >= 1 and "
+                             f"FEDGUARD_AUDIT_WARMUP_VERSIONS >= 0, got {self.audit_time_budget_s}, "
+                             f"{self.audit_reference_versions} and {self.audit_warmup_versions}")
 
     def with_overrides(self, **overrides: Any) -> "Settings":
         clean = {k: v for k, v in overrides.items() if v is not None}

@@ -14,6 +14,7 @@ services call (the composition layer: it may import the producers, the processor
 | sketch | validator | :func:`fedguard.sketch.sketch_rows` with a secret-like seed (below) |
 | detection, reputation | ``processors.defence.WindowDefence.judge`` | :func:`processors.ensemble.score_window` (histories before the window, trust = E before it, the previous global sketch), :func:`processors.reputation.observe` on each member's ``evidence``, :func:`processors.detectors.updated` for every member, :func:`processors.defence.global_update_sketch` |
 | aggregation | ``aggregator.service.AggregatorService.handle_window`` | admitted members (:func:`fedguard.weighting.admitted`), :class:`aggregator.combine.ConfiguredRule` with FedAvg weights :func:`fedguard.weighting.sample_weights`, the previous aggregate, :func:`aggregator.combine.server_update`, trust after the window, noise from ``noise_generator(seed, version)``; too few admitted members or a rule precondition: the parameters carry over |
+| model audit (``audit``) | ``AggregatorService.handle_window`` | :meth:`aggregator.auditing.Auditor.audit_candidate` on each candidate, reference :func:`aggregator.auditing.reference_norms` of the last served clean audits; flagged: the version keeps the served parameters and the attributed devices are quarantined (never released: live, only an operator releases them) |
 | evaluation | aggregator | :class:`aggregator.evaluation.Evaluator` (main accuracy, backdoor accuracy per ``backdoor_eval``) |
 
 Round ``r`` (1-based) trains on base version ``r - 1`` and makes version ``r``. The attack fires in rounds
@@ -50,7 +51,9 @@ the round), ``refused_*`` (updates refused before the window: a second update of
 ``sampled_malicious``, ``admitted``, ``skipped`` (why the parameters carried over, or None), ``votes_malicious`` /
 ``votes_honest`` (members each detector voted against; ``low_trust`` too), ``loss``, ``devices`` (the window's
 members in arrival order), ``quarantined_now`` / ``released_now`` (devices quarantined by this window / released at
-the start of the round)), ``final_main_accuracy``,
+the start of the round)), with the audit on: ``audit`` (verdict), ``audit_class``, ``audit_seconds``,
+``attributed_malicious`` / ``attributed_honest``, ``candidate_backdoor_accuracy`` (of a flagged candidate that was not
+served); ``served`` (False: flagged), ``final_main_accuracy``,
 ``max_backdoor_accuracy``, ``final_backdoor_accuracy``, ``detection`` (:func:`detection_rates` over the rounds from
 ``attack_start``) and ``seconds``.
 """
@@ -67,11 +70,12 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.auditing import FLAGGED, AuditOutcome, Auditor, carried_over, reference_norms
 from aggregator.combine import ConfiguredRule, WindowInputs, noise_generator, server_update
 from aggregator.evaluation import Evaluator, parse_backdoors
 from aggregator.rules import PreconditionError
 from fedguard.reasons import RejectError
-from fedguard.settings import Settings
+from fedguard.settings import AUDIT_MODES, Settings
 from fedguard.sketch import SketchSpec, sketch_rows
 from fedguard.tasks import (DEFAULT_TRAINING, build_model, get_flat_params, load_task, local_train, model_spec,
                             set_flat_params)
@@ -124,10 +128,21 @@ class SimulationConfig:
     local_epochs: int | None = None  # None: the task's tuned default (DEFAULT_TRAINING), as the fleet
     local_lr: float | None = None
     local_batch_size: int | None = None
+    # The aggregator's model audit (aggregator/auditing.py). Off by default here, unlike live: it adds ~1.3 s of CPU
+    # per round on Fashion-MNIST, about doubling a cell of the eval matrix (docs/audit.md).
+    audit: str = "none"
+    audit_time_budget_s: float = Settings.audit_time_budget_s
+    audit_reference_versions: int = Settings.audit_reference_versions
+    audit_warmup_versions: int = Settings.audit_warmup_versions
 
     def __post_init__(self) -> None:
         if self.detection not in DETECTION_MODES:
             raise ValueError(f"detection must be one of {DETECTION_MODES}, got {self.detection!r}")
+        if self.audit not in AUDIT_MODES:
+            raise ValueError(f"audit must be one of {AUDIT_MODES}, got {self.audit!r}")
+        if not self.audit_time_budget_s > 0 or self.audit_reference_versions < 1 or self.audit_warmup_versions < 0:
+            raise ValueError("audit_time_budget_s must be > 0, audit_reference_versions >= 1, "
+                             "audit_warmup_versions >= 0")
         for name in ("num_devices", "per_round", "attack_start"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -223,6 +238,10 @@ class _Simulation:
                                      start_version=c.attack_start - 1, rounds=rounds, id="simulation",
                                      started_at=0.0)
         self.bad = set(self.compromised)
+        self.auditor = Auditor(self.task, self.spec, c.audit, c.audit_time_budget_s, seed=c.seed)
+        self.served_audits: list[dict[str, Any]] = []  # the served versions' reference audits, oldest first
+        self.audit_quarantined: set[int] = set()  # quarantined by the audit: released only by an operator
+        self.admitted: list[_Member] = []  # the last window's admitted members
 
     # -- devices ---------------------------------------------------------------------------------------------
     def train(self, index: int, base: np.ndarray, version: int) -> tuple[np.ndarray, int]:
@@ -235,7 +254,7 @@ class _Simulation:
 
     def quarantined(self, index: int) -> bool:
         rep = self.reps.get(index)
-        return rep is not None and rep.status == "quarantined"
+        return index in self.audit_quarantined or (rep is not None and rep.status == "quarantined")
 
     def sent(self, version: int, attempt: int) -> tuple[list[_Member], int]:
         """What the sampled devices publish, in publishing order, and how many compromised devices were sampled."""
@@ -316,6 +335,7 @@ class _Simulation:
     # -- the aggregator --------------------------------------------------------------------------------------
     def aggregate(self, members: list[_Member], outcome: list[dict[str, Any]], version: int) -> tuple[int, str | None]:
         keep = [j for j, o in enumerate(outcome) if admitted(o["verdict"], o["weight"])]
+        self.admitted = [members[j] for j in keep]
         if len(keep) < self.rule.min_updates:
             return len(keep), f"{len(keep)} accepted updates, rule {self.rule.name} needs {self.rule.min_updates}"
         base = self.params
@@ -335,14 +355,37 @@ class _Simulation:
         self.params = (base.astype(np.float64) + result.vector).astype(np.float32)
         return len(keep), None
 
-    def evaluate(self) -> dict[str, Any]:
-        return self.evaluator(set_flat_params, self.params)
+    def audit(self, parent: np.ndarray, version: int, skipped: str | None) -> AuditOutcome | None:
+        """``AggregatorService``'s audit of the candidate (``self.params``): a flagged candidate is not served
+        (``self.params`` back to ``parent``, the served version) and the attributed devices are quarantined."""
+        if self.c.audit == "none":
+            return None
+        if skipped is not None:
+            return carried_over(version)
+        reference = reference_norms(self.served_audits[::-1][:self.c.audit_reference_versions],
+                                    self.task.num_classes)
+        warmup = len(self.served_audits) < self.c.audit_warmup_versions
+        outcome = self.auditor.audit_candidate(self.params, parent, {m.device: m.delta for m in self.admitted},
+                                               reference, warmup=warmup)
+        if outcome.reference:
+            self.served_audits.append(outcome.to_meta())
+        elif outcome.verdict == FLAGGED:
+            self.params = parent
+            for device in outcome.attributed:
+                if device not in self.audit_quarantined:
+                    self.audit_quarantined.add(device)
+                    self.events["quarantined"].append(device)
+        return outcome
+
+    def evaluate(self, params: np.ndarray | None = None) -> dict[str, Any]:
+        return self.evaluator(set_flat_params, self.params if params is None else params)
 
     # -- one round -------------------------------------------------------------------------------------------
     def round(self, r: int) -> dict[str, Any]:
         c, version, now = self.c, r - 1, r * self.c.round_duration_s
         self.events = {"quarantined": [], "released": []}
-        for d in [d for d in self.reps if self.quarantined(d)]:
+        # (live, the audit's quarantine takes a device out of the reputation's release set)
+        for d in [d for d in self.reps if self.quarantined(d) and d not in self.audit_quarantined]:
             self.reps[d], events = maybe_release(self.reps[d], now, self.rep_params)
             if "released" in events:
                 self.events["released"].append(d)
@@ -362,6 +405,7 @@ class _Simulation:
         if members:
             outcome, _ = self.judge(members, now)
             kept, skipped = self.aggregate(members, outcome, version)
+            candidate = self.params
             for m, o in zip(members, outcome):
                 who = "malicious" if m.malicious else "honest"
                 count[who] += 1
@@ -372,9 +416,11 @@ class _Simulation:
                         votes[who][f] += 1
         else:
             kept, skipped = 0, f"no update reached the window in {MAX_ATTEMPTS} attempts"
+            candidate = self.params
+        audit = self.audit(old, version, skipped)
         self.previous_aggregate = self.params.astype(np.float64) - old
         metrics = self.evaluate()
-        quarantined = [d for d in self.reps if self.quarantined(d)]
+        quarantined = [d for d in set(self.reps) | self.audit_quarantined if self.quarantined(d)]
         return {
             "round": r, "version": r, "main_accuracy": float(metrics["accuracy"]),
             "backdoor_accuracy": None if metrics["backdoor_accuracy"] is None else float(metrics["backdoor_accuracy"]),
@@ -389,7 +435,18 @@ class _Simulation:
             "votes_malicious": votes["malicious"], "votes_honest": votes["honest"],
             "devices": [m.device for m in members], "quarantined_now": sorted(self.events["quarantined"]),
             "released_now": sorted(self.events["released"]),
+            **self.audit_record(audit, candidate),
         }
+
+    def audit_record(self, audit: AuditOutcome | None, candidate: np.ndarray) -> dict[str, Any]:
+        if audit is None:
+            return {"audit": None, "served": True}
+        flagged = audit.verdict == FLAGGED
+        return {"audit": audit.verdict, "audit_class": audit.flagged_class, "audit_seconds": audit.seconds,
+                "attributed_malicious": sum(d in self.bad for d in audit.attributed),
+                "attributed_honest": sum(d not in self.bad for d in audit.attributed),
+                "candidate_backdoor_accuracy": self.evaluate(candidate)["backdoor_accuracy"] if flagged else None,
+                "served": not flagged}
 
 
 def simulate(config: SimulationConfig, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

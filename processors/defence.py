@@ -114,8 +114,8 @@ def window_key(settings: Settings, window_id: str, members: list[dict[str, Any]]
     return settings.redis_key("window", window_id, digest)
 
 
-def quarantined_key(settings: Settings) -> str:
-    return settings.redis_key("quarantined")
+# The set's name lives in the core: an operator's or the model audit's quarantine takes a device out of it.
+quarantined_key = registry.quarantined_key
 
 
 def load_reputation(state: str | None) -> Reputation:
@@ -294,14 +294,7 @@ def device_report(client, settings: Settings, device_id: str, last: int = 10) ->
 def operator_quarantine(client, settings: Settings, device_id: str, reason: str) -> None:
     """Quarantine by hand: the validator refuses the device's updates until an operator releases it (the probation
     timer releases only devices that reputation quarantined)."""
-    entry = registry.get_device(client, settings, device_id)
-    if entry is None:
-        raise KeyError(f"device {device_id!r} is not enrolled")
-    if entry.get("status") == registry.REVOKED:
-        raise ValueError(f"device {device_id!r} is revoked; revocation is terminal")
-    registry.set_device_status(client, settings, device_id, registry.QUARANTINED, f"operator: {reason}".strip())
-    client.srem(quarantined_key(settings), device_id)
-    registry.audit(client, settings, "quarantine", device_id, reason)
+    registry.quarantine_device(client, settings, device_id, reason, by="operator")
 
 
 def operator_release(client, settings: Settings, device_id: str, params: ReputationParams | None = None) -> float:

@@ -147,3 +147,32 @@ def test_quarantine_show_and_release_through_the_cli(settings, run):
     code, out = run("devices", "quarantine", "dev-0004")
     assert code == cli.EXIT_FAILURE and "revocation is terminal" in out
     assert run("devices", "show", "dev-9999")[0] == cli.EXIT_FAILURE
+
+
+def test_versions_and_rollback_through_the_cli(settings, run):
+    import numpy as np
+
+    from fedguard import lineage
+    from fedguard.modelstore import ModelStore
+
+    store = ModelStore(settings.models_dir)
+    for v in range(4):
+        store.save(v, np.full(3, v, np.float32), {"parent": v - 1 if v else None, "metrics": {"accuracy": 0.5 + v / 10}})
+    store.prune(keep_last=2, keep_every=100)  # version 1's weights are gone
+    code, out = run("versions")
+    assert code == 0 and len(out.strip().splitlines()) == 5, out  # a header and the four versions
+    code, out = run("versions", "--json", "--last", "2")
+    assert code == 0 and [r["version"] for r in json.loads(out)] == [2, 3]
+
+    code, out = run("rollback", "--to", "0")
+    assert code == cli.EXIT_UNAUTHORIZED and "no operator credential" in out
+    assert run("init", "--no-enroll")[0] == 0
+    code, out = run("rollback", "--to", "1")
+    assert code == cli.EXIT_FAILURE and "\n" not in out.strip(), out  # pruned weights: one line
+    code, out = run("rollback", "--to", "9")
+    assert code == cli.EXIT_FAILURE and "\n" not in out.strip(), out
+    assert lineage.pending_rollback(registry.connect(settings), settings) is None
+    code, out = run("rollback", "--to", "0", "--reason", "backdoor found by hand")
+    assert code == 0, out
+    request = lineage.pending_rollback(registry.connect(settings), settings)
+    assert (request["to"], request["from"], request["reason"]) == (0, 3, "backdoor found by hand")

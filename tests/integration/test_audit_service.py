@@ -1,0 +1,179 @@
+"""The aggregation service's model audit and operator rollback on the real broker and Redis (issue 14, items 1-3).
+
+Hand-made windows (their tensors on ``fl.updates.valid``, the windows on ``fl.windows``) drive the service's own
+loop. The audit test runs the digits task with FedAvg: a first window carries the model to a trained state (the
+audit's warm-up, set to one version here), a second mixes 8 honest updates with one model-replacement backdoor from
+the attack library; its candidate is flagged, not served, and the attacker is quarantined by the audit; a third,
+honest window is served on top. The rollback test goes through :func:`fedguard.lineage.request_rollback`, the
+function ``fedguard rollback --to V`` calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from aggregator.auditing import SERVER
+from fedguard import lineage, operator, registry
+from fedguard.stack import create_topics
+from fedguard.tasks import (DEFAULT_TRAINING, build_model, get_flat_params, load_task, local_train, model_spec,
+                            set_flat_params)
+from producers.attacks.live import AttackContext, craft_round
+from producers.sampling import fleet_shards
+from tests.conftest import json_values, read_topic, wait_until
+from tests.integration.test_aggregator_failures import Running, send_valid, send_windows, window
+
+pytestmark = pytest.mark.integration
+
+ATTACKER = 8  # dev-0008
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def enroll(settings, count: int) -> None:
+    client = registry.connect(settings)
+    for i in range(count):
+        registry.register_device(client, settings, f"dev-{i:04d}", f"{i:02x}" * 32)
+
+
+def trained_delta(task, spec, base: np.ndarray, x: np.ndarray, y: np.ndarray, seed: int, epochs: int | None = None):
+    hp = DEFAULT_TRAINING[task.name]
+    model = build_model(spec)
+    set_flat_params(model, base)
+    local_train(model, x, y, epochs=epochs or hp["epochs"], lr=hp["lr"], batch_size=hp["batch_size"],
+                momentum=hp["momentum"], seed=seed)
+    return get_flat_params(model) - base
+
+
+def test_a_backdoored_candidate_is_flagged_not_served_and_its_device_quarantined(settings):
+    settings = settings.with_overrides(task="digits", rule="fedavg", audit_warmup_versions=1)
+    assert settings.audit == "neural_cleanse"
+    create_topics(settings)
+    enroll(settings, 10)
+    task = load_task("digits", seed=settings.seed)
+    spec = model_spec(task)
+    shards = fleet_shards(task.y_train, 10, settings.dirichlet_alpha, settings.seed)
+    flagged_before, attributed_before = (sample("fedguard_audit_verdicts_total", verdict="flagged"),
+                                         sample("fedguard_audit_attributed_total"))
+    with Running(settings) as running:
+        service = running.service
+        v0 = service.current.params
+        # window 1: one member carries the model to a trained state (FedAvg of one update is that update)
+        pretrain = trained_delta(task, spec, v0, task.x_train, task.y_train, seed=1, epochs=8)
+        send_windows(settings, window(settings, 0, send_valid(settings, [pretrain], 0, "w1"), "w1"))
+        running.until_version(1)
+        v1 = service.current.params
+        # window 2: 8 honest members and one model-replacement backdoor (Bagdasaryan et al. 2020)
+        honest = [trained_delta(task, spec, v1, task.x_train[shards[i]], task.y_train[shards[i]], seed=i)
+                  for i in range(ATTACKER)]
+        ctx = AttackContext(base=v1, version=1, round_index=0, devices=[ATTACKER],
+                            honest_delta=lambda i: (trained_delta(task, spec, v1, task.x_train[shards[i]],
+                                                                  task.y_train[shards[i]], seed=i), len(shards[i])),
+                            shard=lambda i: (task.x_train[shards[i]], task.y_train[shards[i]]), task=task,
+                            model=build_model(spec), training=dict(DEFAULT_TRAINING[task.name]),
+                            window_size=ATTACKER + 1, rng=np.random.default_rng(7))
+        (backdoor, _), = craft_round("model_replacement", {}, ctx)[ATTACKER]
+        send_windows(settings, window(settings, 1, send_valid(settings, [*honest, backdoor], 1, "w2"), "w2"))
+        running.until_version(2)
+        # window 3: honest again, served on top of the last served parameters
+        honest3 = [trained_delta(task, spec, v1, task.x_train[shards[i]], task.y_train[shards[i]], seed=10 + i)
+                   for i in range(5)]
+        send_windows(settings, window(settings, 2, send_valid(settings, honest3, 2, "w3"), "w3"))
+        running.until_version(3)
+    store = service.store
+    v1m, v2, v3 = store.meta(1), store.load(2), store.load(3)
+    assert v1m["audit"]["verdict"] == "skipped" and v1m["audit"]["reference"]  # warm-up: scores kept as reference
+    audit = v2.meta["audit"]
+    assert audit["verdict"] == "flagged", audit
+    assert audit["scores"]["flagged"] == 0 and audit["scores"]["trigger"]["target"] == 0  # the backdoor's target
+    assert audit["attributed"] == ["dev-0008"], audit["attribution"]
+    assert audit["attribution"]["scores"][SERVER] <= 0  # the clean update does not strengthen the trigger
+    # not served: version 2 carries version 1's parameters, the candidate is kept by fingerprint and metrics
+    np.testing.assert_array_equal(v2.params, v1)
+    assert v2.meta["rule_info"]["params_from"] == 1 and "audit flagged class 0" in v2.meta["rule_info"]["withheld"]
+    assert audit["candidate"]["metrics"]["backdoor_accuracy"] > 0.5 > v2.meta["metrics"]["backdoor_accuracy"]
+    assert audit["candidate"]["sha256"] != v2.meta["sha256"]
+    # the attacker is quarantined by the audit (the validator refuses it, the probation timer does not release it)
+    client = registry.connect(settings)
+    entry = registry.get_device(client, settings, "dev-0008")
+    assert entry["status"] == registry.QUARANTINED and entry["status_reason"].startswith("audit: model audit")
+    assert client.get(registry.auth_key(settings, "dev-0008")).startswith("quarantined ")
+    assert not client.sismember(registry.quarantined_key(settings), "dev-0008")
+    assert all(registry.get_device(client, settings, f"dev-{i:04d}")["status"] == registry.ACTIVE
+               for i in range(ATTACKER))
+    events = json_values(read_topic(settings, settings.topics.events))
+    assert [(e["type"], e["device_id"], e["by"], e["version"]) for e in events if e["type"] == "quarantined"] == [
+        ("quarantined", "dev-0008", "audit", 2)]
+    (flag,) = [e for e in events if e["type"] == "audit_flagged"]
+    assert (flag["version"], flag["flagged_class"], flag["attributed"]) == (2, 0, ["dev-0008"])
+    # version 3: the honest window, served on top of the last served parameters
+    assert v3.meta["audit"]["verdict"] == "clean" and v3.meta["parent"] == 2
+    expected = v1.astype(np.float64) + np.mean([d.astype(np.float32) for d in honest3], axis=0, dtype=np.float64)
+    np.testing.assert_allclose(v3.params, expected.astype(np.float32), rtol=0, atol=1e-6)
+    assert sample("fedguard_audit_verdicts_total", verdict="flagged") - flagged_before == 1
+    assert sample("fedguard_audit_attributed_total") - attributed_before == 1
+    rows = lineage.lineage(store)
+    assert [(r["version"], r["outcome"], r["audit"]) for r in rows] == [
+        (0, "initial", "skipped"), (1, "applied", "skipped"), (2, "flagged", "flagged"), (3, "applied", "clean")]
+
+
+@pytest.fixture
+def operator_token(settings, monkeypatch):
+    monkeypatch.delenv(operator.TOKEN_ENV, raising=False)
+    return operator.bootstrap(settings)
+
+
+def test_rollback_through_the_cli_function_makes_the_next_version(settings, operator_token, monkeypatch):
+    create_topics(settings)
+    client = registry.connect(settings)
+    rng = np.random.default_rng(3)
+    with Running(settings) as running:
+        service = running.service
+        d = service.current.params.size
+        for base in range(3):
+            deltas = [rng.normal(0, 0.01, d) for _ in range(3)]
+            send_windows(settings, window(settings, base, send_valid(settings, deltas, base, f"r{base}"), f"r{base}"))
+            running.until_version(base + 1)
+        store = service.store
+        # refused before anything is written: the current version, one that does not exist, pruned weights, a
+        # wrong operator token
+        with pytest.raises(lineage.RollbackError, match="current version"):
+            lineage.request_rollback(client, settings, store, 3)
+        with pytest.raises(lineage.RollbackError, match="versions are 0..3"):
+            lineage.request_rollback(client, settings, store, 9)
+        store._stem(2).with_suffix(".safetensors").unlink()  # as retention would
+        with pytest.raises(lineage.RollbackError, match="deleted by the model store's retention.*: 0, 1"):
+            lineage.request_rollback(client, settings, store, 2)
+        monkeypatch.setenv(operator.TOKEN_ENV, "a-wrong-token-of-enough-length")
+        with pytest.raises(operator.OperatorAuthError):
+            lineage.request_rollback(client, settings, store, 1)
+        monkeypatch.delenv(operator.TOKEN_ENV)
+        assert lineage.pending_rollback(client, settings) is None
+        assert store.versions() == [0, 1, 2, 3]
+
+        request = lineage.request_rollback(client, settings, store, 1, "bad data from version 2 on")
+        running.until_version(4)
+        wait_until(lambda: lineage.pending_rollback(client, settings) is None, 30, what="the request removed")
+        # a window for version 3, in flight during the rollback, is stale; the next one builds on version 4
+        send_windows(settings, window(settings, 3, send_valid(settings, [rng.normal(0, 0.01, d)] * 3, 3, "late"),
+                                      "late"))
+        send_windows(settings, window(settings, 4, send_valid(settings, [rng.normal(0, 0.01, d)] * 3, 4, "r4"), "r4"))
+        running.until_version(5)
+    v1, v4, v5 = store.load(1), store.load(4), store.load(5)
+    np.testing.assert_array_equal(v4.params, v1.params)
+    info = v4.meta["rule_info"]
+    assert info["params_from"] == 1 and v4.meta["parent"] == 3 and v4.meta["window_id"] is None
+    assert (info["rollback"]["to"], info["rollback"]["by"], info["rollback"]["reason"], info["rollback"]["request_id"]
+            ) == (1, "operator", "bad data from version 2 on", request["id"])
+    assert v5.meta["parent"] == 4 and v5.meta["window_id"].endswith(":r4") and store.versions() == [0, 1, 2, 3, 4, 5]
+    rollbacks = [e for e in json_values(read_topic(settings, settings.topics.events)) if e["type"] == "rollback"]
+    assert [(e["version"], e["to"]) for e in rollbacks] == [(4, 1)]
+    rows = {r["version"]: r for r in lineage.lineage(store)}
+    assert rows[4]["outcome"] == "rollback" and rows[2]["weights"] is False
+    assert "rollback to 1 by operator: bad data from version 2 on" in "\n".join(lineage.format_lineage(list(
+        rows.values())))
+    audit_log = [x for x in client.lrange(registry.audit_key(settings), 0, -1) if '"rollback"' in x]
+    assert len(audit_log) == 1 and "to version 1" in audit_log[0]
