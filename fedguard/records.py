@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedguard.codec import decode_tensor, encode_tensor
+from fedguard.codec import decode_tensor, encoded_parts
 
 _LEN = struct.Struct(">I")
 
@@ -27,7 +27,7 @@ def loads(raw: bytes) -> dict[str, Any]:
 
 def encode_valid(meta: dict[str, Any], tensor: np.ndarray) -> bytes:
     head = dumps(meta)
-    return _LEN.pack(len(head)) + head + encode_tensor(tensor)
+    return b"".join((_LEN.pack(len(head)), head, *encoded_parts(tensor)))  # the tensor's bytes copied once
 
 
 def decode_valid(raw: bytes, max_elements: int) -> tuple[dict[str, Any], np.ndarray]:

@@ -143,6 +143,107 @@ def test_route_validated_of_a_batch_rejected_whole_sends_no_valid_and_no_index()
     assert log == ["rejected"]
 
 
+class HeldTopic(Topic):
+    """A stand-in topic whose acknowledgements the test gives, one by one, with :meth:`acknowledge`."""
+
+    def __init__(self, name: str, log: list) -> None:
+        super().__init__(name, log)
+        self.held: list[asyncio.Future] = []
+
+    async def send(self, *, key, value, force):
+        self.sent.append((key, value))
+        self.log.append(self.name)
+        self.held.append(asyncio.get_running_loop().create_future())
+        return self.held[-1]
+
+    def acknowledge(self, count: int) -> None:
+        for ack in self.held[:count]:
+            ack.set_result(SimpleNamespace(partition=0, offset=100 + self.held.index(ack)))
+        self.held = self.held[count:]
+
+
+class BatchValidator:
+    """A stand-in validator: every record valid, the batches it was given in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    async def validate_batch(self, items):
+        self.batches.append([position for _, _, position in items])
+        return [update(key.decode()) for _, key, _ in items]
+
+
+def pipeline():
+    log: list[str] = []
+    out = A.ValidationOutputs(HeldTopic("valid", log), Topic("rejected", log), Topic("index", log),
+                              Topic("events", log), SPEC)
+    acked: list[int] = []
+
+    async def ack(e):
+        log.append(f"ack {e.message.offset}")
+        acked.append(e.message.offset)
+
+    processed: list[int] = []
+    return A.ValidationPipeline(BatchValidator(), out, ack, lambda events: processed.extend(
+        e.message.offset for e in events)), out, log, acked, processed
+
+
+async def settle() -> None:
+    for _ in range(20):  # let every task that can run, run
+        await asyncio.sleep(0)
+
+
+def test_the_next_batch_is_validated_while_the_one_before_waits_for_the_broker_and_raw_records_are_acked_after():
+    async def scenario():
+        p, out, log, acked, processed = pipeline()
+        first, second = [event(b"a", b"dev-1", offset=1), event(b"b", b"dev-2", offset=2)], [event(b"c", offset=3)]
+        await p.submit(first)
+        assert log == ["valid", "valid"] and acked == []  # sent, not acknowledged by the broker yet
+        submitting = asyncio.ensure_future(p.submit(second))
+        await settle()
+        # The second batch was validated and its valid record sent while the first waits for its acknowledgements.
+        assert p.validator.batches == [["2:1", "2:2"], ["2:3"]] and log == ["valid"] * 3 and not submitting.done()
+        out.valid.acknowledge(2)
+        await settle()
+        assert submitting.done() and acked == [1, 2] and processed == [1, 2]
+        assert log == ["valid"] * 3 + ["index", "index", "ack 1", "ack 2"]  # acked once its index is on the broker
+        out.valid.acknowledge(1)
+        await p.drain()
+        assert acked == [1, 2, 3] and processed == [1, 2, 3] and log[-2:] == ["index", "ack 3"]
+        assert [records.loads(v)["raw"]["offset"] for _, v in out.index.sent] == [1, 2, 3]
+        assert [records.loads(v)["valid"]["offset"] for _, v in out.index.sent] == [100, 101, 100]
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_that_cannot_be_indexed_is_not_acked_and_its_failure_stops_the_next_submit():
+    async def scenario():
+        p, out, log, acked, processed = pipeline()
+        await p.submit([event(b"a", b"dev-1", offset=1)])
+        out.valid.held[0].set_exception(RuntimeError("broker gone"))
+        try:
+            await p.submit([event(b"b", b"dev-2", offset=2)])
+        except RuntimeError as exc:
+            assert str(exc) == "broker gone"
+        else:
+            raise AssertionError("the failure of the batch before was not raised")
+        assert acked == [] and processed == [] and out.index.sent == []
+
+    asyncio.run(scenario())
+
+
+def test_cancel_leaves_the_finishing_batch_unacked():
+    async def scenario():
+        p, out, log, acked, processed = pipeline()
+        await p.submit([event(b"a", b"dev-1", offset=1)])
+        p.cancel()
+        out.valid.acknowledge(1)
+        await settle()
+        assert acked == [] and out.index.sent == []
+
+    asyncio.run(scenario())
+
+
 # -- the window stage -------------------------------------------------------------------------------------------------
 class Defence:
     """A stand-in for detection and reputation: accepts every member."""

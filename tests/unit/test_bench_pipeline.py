@@ -149,3 +149,17 @@ def test_the_command_reproduces_the_run(pipeline):
                                           "--members 100 --out bench/results/pipeline.md")
     args.quick = True
     assert pipeline.run_command(args) == "python bench/pipeline.py --quick --out bench/results/pipeline.md"
+
+
+def test_profile_rows_rank_by_the_column_asked_in_ms_per_record(pipeline):
+    # pstats' stats dict: (file, line, function) -> (primitive calls, calls, own s, cumulative s, callers)
+    repo = str(BENCH.parent)
+    stats = {(f"{repo}/fedguard/sketch.py", 124, "sketch"): (100, 100, 0.05, 0.08, {}),
+             ("/x/site-packages/aiokafka/conn.py", 408, "send"): (200, 200, 0.01, 0.20, {}),
+             ("~", 0, "<method 'decrypt'>"): (100, 100, 0.04, 0.04, {})}
+    assert pipeline.profile_rows(stats, 100, "tottime", 2) == [(0.5, 0.8, 1.0, "fedguard/sketch.py:124(sketch)"),
+                                                               (0.4, 0.4, 1.0, "<method 'decrypt'>")]
+    assert [row[3] for row in pipeline.profile_rows(stats, 100, "cumtime", 1)] == ["aiokafka/conn.py:408(send)"]
+    table = pipeline.profile_table(stats, 100, 3)
+    assert "100 records profiled; 1.00 ms of profiled time per record" in table
+    assert "| 0.100 | 2.000 | 2.00 | `aiokafka/conn.py:408(send)` |" in table

@@ -51,6 +51,43 @@ def test_sketch_matches_the_definition():
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
+def bincount_sketch(mat: np.ndarray, spec: SketchSpec) -> np.ndarray:
+    """The previous implementation: np.bincount of the signed float64 terms, i.e. each bucket's terms added one by
+    one in ascending coordinate order from 0, in float64 (returned before the rounding to float32)."""
+    buckets, signs = S._hash(spec)
+    return np.stack([np.bincount(buckets, weights=signs * row, minlength=spec.k) for row in mat])
+
+
+def wide_values(rows: int, dim: int) -> np.ndarray:
+    """float32 values spread over 2^-40 .. 2^40, whose float64 sums depend on the order of the additions."""
+    rng = np.random.default_rng(dim)
+    return (rng.standard_normal((rows, dim)) * np.exp2(rng.integers(-40, 40, (rows, dim)))).astype(np.float32)
+
+
+@pytest.mark.parametrize("dim, k", [(159_010, 1024), (3000, 128), (50, 8), (7, 1)])
+def test_sketch_is_bit_for_bit_the_ordered_float64_sum(dim, k):
+    """The same floats as the definition's terms added in ascending coordinate order in float64 (as np.bincount
+    did), before and after the rounding to float32, whatever the input dtype."""
+    spec = SketchSpec(dim, k, SEED)
+    wide = wide_values(2, dim)
+    np.testing.assert_array_equal(S._matrix(spec) @ wide[0].astype(np.float64), bincount_sketch(wide[:1], spec)[0])
+    np.testing.assert_array_equal(sketch_rows(wide, spec), bincount_sketch(wide, spec).astype(np.float32))
+    rng = np.random.default_rng(0)
+    for dtype in (np.float64, np.float16, np.int64, np.uint8, bool):
+        other = (rng.standard_normal((2, dim)) * 100).astype(dtype)
+        np.testing.assert_array_equal(sketch_rows(other, spec), bincount_sketch(other, spec).astype(np.float32))
+
+
+def test_the_wide_values_tell_summation_orders_apart():
+    """The float64 comparison above can fail: on those values, the same terms added in another order (descending
+    coordinates) give other floats."""
+    spec = SketchSpec(3000, 128, SEED)
+    buckets, signs = S._hash(spec)
+    terms = signs * wide_values(1, 3000)[0]
+    descending = np.bincount(buckets[::-1], weights=terms[::-1], minlength=128)
+    assert not np.array_equal(descending, bincount_sketch(wide_values(1, 3000), spec)[0])
+
+
 def test_linear_and_rows_agree():
     rng = np.random.default_rng(0)
     spec = SketchSpec(3000, 128, SEED)

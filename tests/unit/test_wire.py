@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedguard import envelope
-from fedguard.codec import decode_tensor, encode_tensor
+from fedguard import envelope, records
+from fedguard.codec import decode_tensor, encode_tensor, encoded_parts
 from fedguard.envelope import UpdateHeader
 from fedguard.reasons import Reason, RejectError
 
@@ -140,6 +140,23 @@ def test_codec_round_trip(dtype):
     out = decode_tensor(encode_tensor(tensor), 24)
     assert out.dtype == tensor.dtype and out.shape == tensor.shape
     np.testing.assert_array_equal(out, tensor)
+
+
+@pytest.mark.parametrize("tensor", [
+    np.linspace(-1, 1, 24, dtype=np.float32),
+    np.linspace(-1, 1, 24, dtype=">f8").reshape(2, 3, 4),  # big-endian: written little-endian
+    np.arange(40, dtype=np.float16).reshape(5, 8)[:, ::2],  # not contiguous
+    np.frombuffer(b"\x00" * 12 + np.arange(6, dtype="<f4").tobytes(), "<f4", -1, 12),  # read-only view
+])
+def test_tensor_bytes_are_the_documented_layout_and_a_valid_record_frames_them(tensor):
+    """The layout of the module docstring, byte for byte (the encoder joins its parts instead of concatenating)."""
+    little = tensor.dtype.newbyteorder("<")
+    expected = (b"FGT1" + bytes([{"f4": 1, "f8": 2, "f2": 3}[little.str[1:]], tensor.ndim, 0, 0])
+                + struct.pack(f"<{tensor.ndim}I", *tensor.shape) + np.ascontiguousarray(tensor, little).tobytes())
+    assert encode_tensor(tensor) == b"".join(encoded_parts(tensor)) == expected
+    meta = {"update_id": "u", "norm": 1.5}
+    head = records.dumps(meta)
+    assert records.encode_valid(meta, tensor) == struct.pack(">I", len(head)) + head + expected
 
 
 def test_codec_refuses_unsupported_arrays():
