@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, TextIO
 
 from fedguard import records, registry
+from fedguard.stack import processors_metrics_ports
 from fedguard.settings import Settings
 from processors.ensemble import EnsembleConfig
 from processors.reputation import ReputationParams
@@ -388,16 +389,6 @@ def version_point(meta: dict[str, Any]) -> VersionPoint | None:
 
 def _loopback_if_wildcard(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-
-
-def processors_metrics_ports(settings: Settings) -> list[int]:
-    """One metrics port per processors worker: a pool of workers (processors/worker.py) gives each its own."""
-    workers = getattr(settings, "processors_workers", 1)
-    if workers <= 1:
-        return [settings.processors_metrics_port]
-    from processors.worker import other_ports, worker_ports
-
-    return worker_ports(settings.processors_metrics_port, workers, other_ports(settings))
 
 
 def metrics_endpoints(settings: Settings, overrides: str = "") -> dict[str, list[str]]:
