@@ -35,7 +35,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from fedguard import prometheus as prometheus_config
 from fedguard import registry
-from fedguard.infra_metrics import pid_file, write_pid
+from fedguard.infra_metrics import pid_file, resident_bytes, write_pid
 from fedguard.keys import load_or_create_server_key, public_to_hex
 from fedguard.settings import Settings, to_env
 
@@ -532,8 +532,6 @@ class EmbeddedStack:
         if self.recycle is None:
             if now < self.recycle_after:
                 return
-            from fedguard.infra_metrics import resident_bytes
-
             rss = resident_bytes(self.procs["broker"].pid)
             if rss is None or rss < self.settings.broker_recycle_bytes:
                 return
@@ -574,8 +572,6 @@ class EmbeddedStack:
             self.start_service(name, *self._service_args[name])
         client.delete(registry.fleet_hold_key(self.settings), registry.fleet_held_key(self.settings))
         self.recycle = None
-        from fedguard.infra_metrics import resident_bytes
-
         rss_now = resident_bytes(self.procs["broker"].pid) or 0
         report(f"fedguard: broker recycled at version {version.decode() if isinstance(version, bytes) else version}: "
                f"{recycle.rss / 2**20:.0f} -> {rss_now / 2**20:.0f} MiB, fleet held "
