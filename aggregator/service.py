@@ -1,12 +1,12 @@
 """The aggregation service: one new global model version per closed window, exactly once, across restarts.
 
-Loop: read a window from ``fl.windows``; fetch the accepted members' tensors from ``fl.updates.valid`` by the
-positions the window names; apply the configured rule to the deltas; evaluate; persist the version (the commit
+Loop: read a window from ``fl.windows``; read the accepted members' tensors from the update store
+(fedguard/updatestore.py) at the references the window names; apply the configured rule to the deltas; evaluate; persist the version (the commit
 point); publish it to ``fl.models`` and Redis; only then commit the window's offset. A crash between persisting
 and committing re-delivers the window, which is then recognised as applied (its id is on the current version).
 
-A window whose tensors cannot be read from ``fl.updates.valid`` (an offset past the end of its partition or already
-deleted by retention, a partition that does not exist, a broker that does not answer) does not stop the service.
+A window whose tensors cannot be read from the update store (deleted by retention, never written, a store that
+cannot be read) does not stop the service.
 The read is retried ``FETCH_ATTEMPTS`` times with exponential backoff (``FETCH_BACKOFF_S``, doubled each time);
 if it still fails the window is *failed*: version N+1 is published with version N's parameters unchanged and
 ``rule_info = {"selected": [], "failed": <reason>, "params_from": N}``, the window is counted as
@@ -57,6 +57,7 @@ from fedguard import lineage, records, registry
 from fedguard.modelstore import ModelStore, ModelVersion, WeightsPruned
 from fedguard.settings import Settings
 from fedguard.tasks import build_model, get_flat_params, load_task, model_spec, set_flat_params
+from fedguard.updatestore import UpdateMissing, UpdateStore, keep_from
 from fedguard.weighting import admitted, sample_weights
 
 log = logging.getLogger("fedguard.aggregator")
@@ -192,7 +193,7 @@ def params_sha256(params: np.ndarray) -> str:
 
 
 class WindowFetchError(RuntimeError):
-    """The tensors a window names cannot be read from ``fl.updates.valid``; the message says which and why."""
+    """The tensors a window names cannot be read from the update store; the message says which and why."""
 
 
 class AggregatorService:
@@ -222,8 +223,7 @@ class AggregatorService:
             group_id=f"fedguard-aggregator-{settings.model_id}", enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=2000,
             max_partition_fetch_bytes=big, fetch_max_bytes=big, **common)
-        self.fetcher = KafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=big, fetch_max_bytes=big,
-                                     **common)
+        self.updates = UpdateStore(settings.update_store_dir)
         self.current: ModelVersion | None = None
         self._rollback_unreadable = False
 
@@ -441,7 +441,7 @@ class AggregatorService:
         return new
 
     def fetch_updates(self, members: list[dict[str, Any]]) -> np.ndarray:
-        """The members' tensors, read from ``fl.updates.valid`` at the positions the window names.
+        """The members' tensors, read from the update store at the references the window names (``tensor``).
 
         Retried ``FETCH_ATTEMPTS`` times with exponential backoff; raises :class:`WindowFetchError` when every
         attempt failed (see the module docstring for what the service then does)."""
@@ -449,7 +449,7 @@ class AggregatorService:
         for attempt in range(1, self.FETCH_ATTEMPTS + 1):
             try:
                 return self._fetch_once(members)
-            except (WindowFetchError, KafkaError) as exc:
+            except (WindowFetchError, OSError) as exc:
                 reason = str(exc) if isinstance(exc, WindowFetchError) else f"{type(exc).__name__}: {exc}"
                 if attempt == self.FETCH_ATTEMPTS:
                     raise WindowFetchError(f"{reason} (after {attempt} attempts)") from exc
@@ -460,59 +460,15 @@ class AggregatorService:
         raise AssertionError("unreachable")
 
     def _fetch_once(self, members: list[dict[str, Any]]) -> np.ndarray:
-        topic = self.settings.topics.valid
-        wanted: dict[int, set[int]] = defaultdict(set)
-        for m in members:
-            wanted[m["valid"]["partition"]].add(m["valid"]["offset"])
-        if wanted:
-            partitions = self.fetcher.partitions_for_topic(topic) or set()
-            unknown = sorted(p for p in wanted if p not in partitions)
-            if unknown:
-                raise WindowFetchError(f"{topic} has no partition {unknown} (partitions: {sorted(partitions)})")
-        found: dict[tuple[int, int], np.ndarray] = {}
-        for partition, offsets in wanted.items():
-            tp = TopicPartition(topic, partition)
-            self.fetcher.assign([tp])
-            start = self.fetcher.beginning_offsets([tp])[tp]
-            gone = sorted(o for o in offsets if o < start)
-            if gone:
-                raise WindowFetchError(f"{topic}[{partition}] offsets {gone} were deleted (the log starts at {start})")
-            # The partition's end is taken from the fetch responses (the consumer's highwater), not from ListOffsets:
-            # the embedded broker answers that with the base offset of the last stored *batch* + 1, which is short
-            # of the true end when a producer wrote several records in one batch (../shared/BROKER.md).
-            self.fetcher.seek(tp, min(offsets))
-            missing, last = set(offsets), max(offsets)
-            deadline = time.monotonic() + self.FETCH_TIMEOUT_S
-            while missing and time.monotonic() < deadline:
-                polled = self.fetcher.poll(timeout_ms=1000).get(tp, [])
-                for message in polled:
-                    if message.offset in missing:
-                        try:
-                            _, tensor = records.decode_valid(message.value, self.spec.num_params)
-                        except ValueError as exc:
-                            raise WindowFetchError(f"{topic}[{partition}] offset {message.offset} does not decode: "
-                                                   f"{exc}") from exc
-                        found[(partition, message.offset)] = tensor
-                        missing.discard(message.offset)
-                if self.fetcher.position(tp) > last:
-                    break  # read past every wanted offset: what is still missing is not there
-                end = self.fetcher.highwater(tp)
-                if not polled and end is not None and self.fetcher.position(tp) >= end:
-                    break  # read everything the partition holds
-            if missing:
-                end = self.fetcher.highwater(tp)
-                beyond = sorted(o for o in missing if end is not None and o >= end)
-                if beyond:
-                    raise WindowFetchError(f"{topic}[{partition}] offsets {beyond} are past the end of the partition "
-                                           f"(next offset {end})")
-                raise WindowFetchError(f"{topic}[{partition}] offsets {sorted(missing)} not found")
         out = np.empty((len(members), self.spec.num_params), dtype=np.float32)
         for i, m in enumerate(members):
-            tensor = found[(m["valid"]["partition"], m["valid"]["offset"])]
-            if tensor.size != self.spec.num_params:
-                raise WindowFetchError(f"{topic}[{m['valid']['partition']}] offset {m['valid']['offset']} holds "
-                                       f"{tensor.size} parameters, the model has {self.spec.num_params}")
-            out[i] = tensor
+            ref = m.get("tensor")
+            if not isinstance(ref, str):
+                raise WindowFetchError(f"member {m.get('update_id')!r} names no tensor in the update store")
+            try:
+                out[i] = self.updates.get(ref, self.spec.num_params)
+            except (UpdateMissing, ValueError) as exc:
+                raise WindowFetchError(str(exc)) from exc
         return out
 
     def _fail_window(self, window: dict[str, Any], current: ModelVersion, accepted: list[dict[str, Any]],
@@ -595,6 +551,9 @@ class AggregatorService:
         pruned = self.store.prune(self.settings.model_store_keep_last, self.settings.model_store_keep_every)
         if pruned:
             log.debug("model store retention: weights of versions %s deleted (metadata kept)", pruned)
+        gone = self.updates.prune(self.settings.model_id, keep_from(version.version, self.settings.max_staleness))
+        if gone:
+            log.debug("update store retention: tensors of base versions %s deleted", gone)
 
     # -- metrics ----------------------------------------------------------------------------------------------
     def _restore_metrics(self) -> None:
@@ -623,6 +582,5 @@ class AggregatorService:
             self._export_lag(tp)
 
     def close(self) -> None:
-        for client in (self.windows, self.fetcher):
-            client.close()
+        self.windows.close()
         self.producer.close(timeout=5)

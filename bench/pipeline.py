@@ -16,8 +16,8 @@ ports and stops at the end (also on Ctrl-C):
   was sent, none rejected. CPU seconds of every worker, the broker, Redis, this script and the whole machine are
   read (psutil) over the same interval.
 * **window -> version**: an ``AggregatorService`` (in a thread of this process, default rule ``norm_clip`` and the
-  default evaluation) reads windows of n members from ``fl.windows``, fetches their tensors from
-  ``fl.updates.valid`` and publishes versions to ``fl.models``: from sending a window record to reading its version
+  default evaluation) reads windows of n members from ``fl.windows``, reads their tensors from
+  the update store (fedguard/updatestore.py) and publishes versions to ``fl.models``: from sending a window record to reading its version
   on ``fl.models``, with the split into fetch / aggregate / evaluate / persist / publish timed around the service's
   own calls.
 
@@ -78,6 +78,7 @@ from fedguard.stack import broker_binary, create_topics, free_port, initialize, 
 from fedguard.stack import _die_with_parent, temporary_redis, wait_for_port  # noqa: E402
 from fedguard.tasks import model_spec  # noqa: E402
 from fedguard.topicio import consumer_from_beginning, read_until_idle  # noqa: E402
+from fedguard.updatestore import UpdateStore  # noqa: E402
 from processors import windows as W  # noqa: E402
 from producers.keystore import Keystore  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
@@ -262,7 +263,8 @@ async def _consume_all(settings: Settings, count: int, pids: dict[str, int]) -> 
     consumer = AIOKafkaConsumer(settings.topics.raw, bootstrap_servers=settings.kafka_bootstrap,
                                 group_id=f"fedguard-bench-floor-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
                                 enable_auto_commit=False, max_partition_fetch_bytes=FETCH_BYTES,
-                                fetch_max_bytes=FETCH_BYTES, session_timeout_ms=6000, heartbeat_interval_ms=2000)
+                                fetch_max_bytes=FETCH_BYTES, session_timeout_ms=6000, heartbeat_interval_ms=2000,
+                                check_crcs=False)  # as the workers' consumer (processors/app.py): the fastest read
     await consumer.start()
     try:
         seen, first, started, last_new = 0, 0, None, time.monotonic()
@@ -569,10 +571,12 @@ def instrument(service, timer: StepTimer) -> None:
     service.handle_window = timer.finish(service.handle_window)
 
 
-def publish_valid_updates(settings: Settings, members: int, num_params: int) -> list[dict[str, Any]]:
-    """``members`` validated updates on ``fl.updates.valid`` in the validator's record format (distinct tensors of
-    honest size); returns their index entries (what the window stage seats), with where each landed."""
-    rng = np.random.default_rng(0)
+def publish_valid_updates(settings: Settings, members: int, num_params: int,
+                          base_version: int) -> list[dict[str, Any]]:
+    """``members`` validated updates as the validator leaves them: each tensor (distinct, of honest size) in the
+    update store and its record on ``fl.updates.valid``; returns their index entries (what the window stage seats),
+    with where each landed and its tensor's reference."""
+    rng, store = np.random.default_rng(0), UpdateStore(settings.update_store_dir)
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=FETCH_BYTES,
                              client_id="fedguard-bench-valid")
     entries = []
@@ -581,13 +585,13 @@ def publish_valid_updates(settings: Settings, members: int, num_params: int) -> 
             device = f"dev-{i:04d}"
             tensor = rng.normal(0, 1e-3, num_params).astype(np.float32)
             norm = float(np.linalg.norm(tensor))
+            ref = store.put(settings.model_id, base_version, device, tensor)
             meta = {"update_id": uuid.uuid4().hex, "device_id": device, "model_id": settings.model_id,
-                    "base_version": 0, "seq": 1, "num_samples": 100, "timestamp": time.time(), "norm": norm,
-                    "raw": {"partition": 0, "offset": i}, "checks": []}
-            sent = producer.send(settings.topics.valid, key=device.encode(),
-                                 value=records.encode_valid(meta, tensor)).get(timeout=60)
+                    "base_version": base_version, "seq": 1, "num_samples": 100, "timestamp": time.time(), "norm": norm,
+                    "raw": {"partition": 0, "offset": i}, "tensor": ref, "checks": []}
+            sent = producer.send(settings.topics.valid, key=device.encode(), value=records.dumps(meta)).get(timeout=60)
             entries.append({**{k: meta[k] for k in ("update_id", "device_id", "base_version", "num_samples", "norm",
-                                                     "raw")}, "valid": {"partition": sent.partition,
+                                                     "raw", "tensor")}, "valid": {"partition": sent.partition,
                                                                         "offset": sent.offset}})
     finally:
         producer.close()
@@ -630,7 +634,7 @@ def window_latency(bootstrap: str, redis_url: str, data_dir: Path, members: int,
     configure_torch()  # as `fedguard aggregator` does
     settings = bench_settings(bootstrap, redis_url, data_dir / "latency", "lat", members, window_size=members)
     create_topics(settings)
-    entries = publish_valid_updates(settings, members, model_spec(TASK, Settings(model_hidden=HIDDEN).hidden_widths()).num_params)
+    num_params = model_spec(TASK, Settings(model_hidden=HIDDEN).hidden_widths()).num_params
     service = AggregatorService(settings)
     timer = StepTimer()
     instrument(service, timer)
@@ -651,7 +655,8 @@ def window_latency(bootstrap: str, redis_url: str, data_dir: Path, members: int,
         thread.start()
         base = wait_for_version(watcher, 0, thread, failure)["version"]
         for _ in tqdm(range(repeat + 1), desc="window -> version", unit="window", leave=False):
-            window = window_of(settings, entries, base)
+            # The members of each window are validated updates on its base version (retention deletes older ones).
+            window = window_of(settings, publish_valid_updates(settings, members, num_params, base), base)
             started = time.perf_counter()
             producer.send(settings.topics.windows, key=settings.model_id.encode(),
                           value=records.dumps(window)).get(timeout=60)
@@ -860,7 +865,7 @@ def write_results(args: argparse.Namespace, measured: dict[str, Any], summary: d
               "| step | median s |", "|---|---:|",
               f"| **total: window sent -> version read on fl.models** | **{s['latency_median_s']:.3f}** |"]
     split = s["latency_split_median_s"]
-    for step, label in (("fetch_s", "fetch the members' tensors from fl.updates.valid"),
+    for step, label in (("fetch_s", "read the members' tensors from the update store"),
                         ("aggregate_s", "aggregate (norm_clip)"), ("evaluate_s", "evaluate (test set and backdoor)"),
                         ("persist_s", "persist (model store)"), ("publish_s", "publish (Redis key, fl.models)"),
                         ("handle_window_s", "the service's whole window (the above and the rest)"),
@@ -937,7 +942,7 @@ def reading_notes(measured: dict[str, Any], args: argparse.Namespace) -> list[st
         f"re-deliveries per run: {', '.join(str(d) for d in dupes) or '-'}.",
         "* **Window -> version** runs the real `AggregatorService` (default settings: rule norm_clip, evaluation on "
         "the test set with the default backdoor check) in a thread of this script, on valid records in the "
-        "validator's format (`records.encode_valid`) and window records built by `processors.windows."
+        "validator's format (tensors in the update store, `fedguard/updatestore.py`; JSON records naming them) and window records built by `processors.windows."
         "window_record`, every member accepted with weight 1. The split is timed around the service's own calls.",
     ]
     if problems:

@@ -180,6 +180,12 @@ class Settings:
         return self.data_dir / "models" / self.model_id
 
     @property
+    def update_store_dir(self) -> Path:
+        """Where validated tensors wait for their window (fedguard/updatestore.py): shared by processors and
+        aggregator."""
+        return self.data_dir / "updates"
+
+    @property
     def keystore_path(self) -> Path:
         return self.data_dir / "devices.json"
 

@@ -4,8 +4,9 @@ Two agents, each a short ``async for``:
 
 * ``validate`` reads ``fl.updates.raw`` in small batches (``validate_batch_size`` records or what arrived within
   ``validate_batch_within_s``; one Redis round trip per batch) and writes every record to exactly one of
-  ``fl.updates.valid`` (the decoded tensor) or ``fl.updates.rejected`` (reason code and detail); for a valid one it
-  also writes a small pointer to ``fl.updates.valid.index``, keyed by model id. Security events (a device rate
+  ``fl.updates.valid`` (its metadata; the tensor goes to the update store, fedguard/updatestore.py) or
+  ``fl.updates.rejected`` (reason code and detail); for a valid one it also writes a small pointer to
+  ``fl.updates.valid.index``, keyed by model id. Security events (a device rate
   limited, the ingress bound hit, a replay), at most one per device per interval, go to ``fl.events``. The valid
   records and their index go through the stage's own producer, and the next batch is validated while the broker
   takes the one before (:class:`ValidationPipeline`); a raw record is acknowledged once its outputs are on the broker.
@@ -53,6 +54,7 @@ from fedguard.reasons import Reason, RejectError
 from fedguard.settings import Settings
 from fedguard.sketch import SketchSpec, sketch
 from fedguard.tasks import load_task, model_spec
+from fedguard.updatestore import UpdateStore
 from processors.validation import CHECKS, ValidUpdate, Validator, byte_bounded
 from processors import windows as W
 from processors.defence import WindowDefence, quarantined_key
@@ -64,6 +66,8 @@ RECEIVED = Counter("fedguard_updates_received_total", "Records read from the raw
 VALID = Counter("fedguard_updates_valid_total", "Updates that passed validation")
 REJECTED = Counter("fedguard_updates_rejected_total", "Records rejected by the validator, by reason code", ["reason"])
 SECURITY_EVENTS = Counter("fedguard_security_events_total", "Security events published on fl.events", ["type"])
+STORE_ERRORS = Counter("fedguard_update_store_errors_total",
+                       "Failed writes of a validated tensor to the update store (each is retried: validation waits)")
 VALIDATE_SECONDS = Histogram("fedguard_validate_seconds", "Time to validate one record (batch time / records)",
                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
 # Consumer lag of what this worker reads (fl.updates.raw, fl.updates.valid.index): the partition's end as the last
@@ -233,33 +237,57 @@ def security_event_record(event: dict, position: dict) -> dict:
     return {**event, "raw": position}
 
 
-def valid_meta(update: ValidUpdate, position: dict) -> dict:
-    """The metadata of the ``fl.updates.valid`` record of ``update`` (the tensor travels beside it)."""
+def valid_meta(update: ValidUpdate, position: dict, tensor_ref: str) -> dict:
+    """The ``fl.updates.valid`` record of ``update``; its tensor is in the update store at ``tensor_ref``
+    (fedguard/updatestore.py: the claim check)."""
     h = update.header
     return {"update_id": h.update_id, "device_id": h.device_id, "model_id": h.model_id,
             "base_version": h.base_version, "seq": h.seq, "num_samples": h.num_samples,
-            "timestamp": h.timestamp, "norm": update.norm, "raw": position, "checks": list(CHECKS)}
+            "timestamp": h.timestamp, "norm": update.norm, "raw": position, "tensor": tensor_ref,
+            "checks": list(CHECKS)}
 
 
-def index_record(update: ValidUpdate, position: dict, valid: dict, sketch_spec: SketchSpec) -> dict:
+def index_record(update: ValidUpdate, position: dict, valid: dict, tensor_ref: str, sketch_spec: SketchSpec) -> dict:
     """The ``fl.updates.valid.index`` record of ``update``, once the broker holds it at ``valid`` (``partition`` and
-    ``offset`` on the valid topic): what the window stage needs, with the update's secret sketch."""
+    ``offset`` on the valid topic): what the window stage needs, with the update's secret sketch and where its tensor
+    is (``tensor_ref``, which the window record passes on to the aggregator)."""
     h = update.header
     return {"update_id": h.update_id, "device_id": h.device_id, "base_version": h.base_version,
-            "num_samples": h.num_samples, "norm": update.norm, "raw": position,
+            "num_samples": h.num_samples, "norm": update.norm, "raw": position, "tensor": tensor_ref,
             "sketch": sketch_codec.encode(sketch(update.tensor, sketch_spec)), "valid": valid}
+
+
+# A full or failing disk is an outage, not the record's fault: the stage waits for the store instead of rejecting.
+STORE_RETRY_S = (0.1, 10.0)  # first and longest wait between attempts
+
+
+async def store_tensor(store: UpdateStore, update: ValidUpdate) -> str:
+    """Write ``update``'s tensor to the update store and return its reference; retries (with backoff, for ever)
+    while the store cannot be written, so an outage pauses validation and loses nothing."""
+    delay, longest = STORE_RETRY_S
+    while True:
+        try:
+            return store.put(update.header.model_id, update.header.base_version, update.header.device_id,
+                             update.tensor)
+        except OSError as exc:
+            STORE_ERRORS.inc()
+            log.warning("update store %s not writable (%s); retrying in %.1f s", store.root, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, longest)
 
 
 @dataclass(frozen=True)
 class ValidationOutputs:
     """Where the validation stage writes: topics (anything with Faust's ``async send(key=, value=, force=)``, whose
-    result awaits the broker's acknowledgement) and the sketch the index carries."""
+    result awaits the broker's acknowledgement), the sketch the index carries and the update store the tensors go
+    to."""
 
     valid: Any
     rejected: Any
     index: Any
     events: Any
     sketch_spec: SketchSpec
+    store: UpdateStore
 
 
 async def dead_letter(out: ValidationOutputs, event, err: RejectError) -> None:
@@ -274,21 +302,23 @@ async def dead_letter(out: ValidationOutputs, event, err: RejectError) -> None:
                               value=records.dumps(security_event_record(err.event, position)), force=True)
 
 
-Accepted = tuple[ValidUpdate, dict, Any]  # a valid update, its raw position, its pending acknowledgement
+Accepted = tuple[ValidUpdate, dict, str, Any]  # a valid update, its raw position, its tensor's reference, its
+# pending acknowledgement
 
 
 async def send_outcomes(out: ValidationOutputs, events: list, outcomes: list) -> list[Accepted]:
     """Send every record of a validated batch to exactly one of ``fl.updates.valid`` and ``fl.updates.rejected``, in
-    order; returns the valid ones with their raw position and their pending acknowledgement on the valid topic."""
+    order, a valid one after its tensor is in the update store; returns the valid ones with their raw position, the
+    reference of their tensor and their pending acknowledgement on the valid topic."""
     accepted = []
     for event, outcome in zip(events, outcomes):
         if isinstance(outcome, RejectError):
             await dead_letter(out, event, outcome)
             continue
-        position = raw_position(event)
-        accepted.append((outcome, position, await out.valid.send(
-            key=outcome.header.device_id.encode(), value=records.encode_valid(valid_meta(outcome, position),
-                                                                              outcome.tensor), force=True)))
+        position, ref = raw_position(event), await store_tensor(out.store, outcome)
+        accepted.append((outcome, position, ref, await out.valid.send(
+            key=outcome.header.device_id.encode(), value=records.dumps(valid_meta(outcome, position, ref)),
+            force=True)))
     return accepted
 
 
@@ -296,10 +326,11 @@ async def index_accepted(out: ValidationOutputs, accepted: list[Accepted]) -> No
     """Index the valid records :func:`send_outcomes` sent, each only once the broker has acknowledged it on the valid
     topic; returns once the broker holds every index record (then the raw records may be acknowledged)."""
     indexed = []
-    for outcome, position, pending in accepted:
+    for outcome, position, ref, pending in accepted:
         sent = await pending
         indexed.append(await out.index.send(key=outcome.header.model_id.encode(), value=records.dumps(index_record(
-            outcome, position, {"partition": sent.partition, "offset": sent.offset}, out.sketch_spec)), force=True))
+            outcome, position, {"partition": sent.partition, "offset": sent.offset}, ref, out.sketch_spec)),
+            force=True))
     for pending in indexed:
         await pending
         VALID.inc()
@@ -497,6 +528,11 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
         table_standby_replicas=0,  # a standby's copy must not be closed by its timer too
         broker_session_timeout=6.0,  # BROKER.md: group joins are held for half the session timeout
         broker_heartbeat_interval=2.0,
+        # The raw topic's payloads carry an AEAD tag the validator checks end to end, and the other topics this app
+        # reads are small JSON records on loopback or TCP: the consumer's CRC-32C of every fetched byte (aiokafka's
+        # software CRC, 0.28 ms per 400 kB record, 7% of a worker's CPU at d = 100k) is skipped, as Kafka's own
+        # `check.crcs` documentation allows "in cases seeking extreme performance" (docs/design-decisions.md).
+        broker_check_crcs=False,
         producer_max_batch_size=1,  # BROKER.md: required, or table state is lost when partitions move
         producer_max_request_size=settings.max_payload_bytes + 1024 * 1024,
         consumer_max_fetch_size=settings.max_payload_bytes + 1024 * 1024,
@@ -510,7 +546,8 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
         app.topic(name, key_serializer="raw", value_serializer="raw")
         for name in (t.raw, t.valid, t.rejected, t.valid_index, t.windows, t.events))
     window_table = app.Table("windows", default=None, use_partitioner=True, partitions=settings.partitions)
-    outputs = ValidationOutputs(valid_topic, rejected_topic, index_topic, events_topic, sketch_spec)
+    outputs = ValidationOutputs(valid_topic, rejected_topic, index_topic, events_topic, sketch_spec,
+                                UpdateStore(settings.update_store_dir))
     stage = WindowStage(settings, windows_topic, events_topic)
 
     @app.agent(raw_topic)

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from fedguard import records, registry
+from fedguard import registry
 from fedguard.modelstore import ModelStore
 from fedguard.stack import EmbeddedStack
 from producers import campaign
@@ -48,9 +48,13 @@ def test_every_attack_kind_sends_valid_insider_updates_that_reach_a_window(setti
         wait_until(lambda: version() >= started.start_version + 2, 120, what="an honest round after the attacks")
 
     ledger = campaign.ledger(client, settings)
-    valid = {records.decode_valid(m.value, 10**7)[0]["update_id"] for m in read_topic(settings, settings.topics.valid)}
+    valid_records = json_values(read_topic(settings, settings.topics.valid))
+    valid = {meta["update_id"] for meta in valid_records}
     members = {m["update_id"]: w for w in json_values(read_topic(settings, settings.topics.windows))
                for m in w["members"]}
+    # Insider updates are stored like any valid one: each valid record names its own tensor in the update store.
+    refs = [meta["tensor"] for meta in valid_records]
+    assert len(refs) == len(set(refs)) and all(ref.startswith(f"{settings.model_id}/") for ref in refs)
     rejected = json_values(read_topic(settings, settings.topics.rejected))
     by_kind: dict[str, list[dict]] = {}
     for entry in ledger:

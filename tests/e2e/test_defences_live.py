@@ -5,11 +5,12 @@ lets it train a few clean rounds, then compromises chosen devices with `fedguard
 keys) and asserts what the model and the honest devices kept:
 
 * every version built from an attacked window is at most 2 percentage points below the version the same window
-  would have made without the poison: the admitted honest members' real updates (read back from the valid topic,
-  with the weights the pipeline gave them) and, in the seat of each attacker the window admitted, the update that
-  device would have sent honestly (the fleet's training: same shard, same seed), aggregated by the pipeline's rule;
-  rejected attackers hold no seat in either. That separates what the admitted poison cost from the round-to-round
-  swing of a small non-IID fleet, from a change of rule and from the loss of a rejected member;
+  would have made without the poison: the admitted honest members' real updates (read back from the update store
+  at the references their window names, with the weights the pipeline gave them) and, in the seat of each attacker
+  the window admitted, the update that device would have sent honestly (the fleet's training: same shard, same
+  seed), aggregated by the pipeline's rule; rejected attackers hold no seat in either. That separates what the
+  admitted poison cost from the round-to-round swing of a small non-IID fleet, from a change of rule and from the
+  loss of a rejected member;
 * no honest member is rejected while the attack runs (at most one, the ensemble's base rate on clean traffic);
 * the attacker's influence is at most one member per window: one seat per device, and near-identical copies from
   several devices are rejected together;
@@ -19,8 +20,12 @@ keys) and asserts what the model and the honest devices kept:
 
 from __future__ import annotations
 
+import os
+import shutil
+import threading
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +35,7 @@ from fedguard import records, registry
 from fedguard.modelstore import ModelStore
 from fedguard.stack import EmbeddedStack
 from fedguard.tasks import build_model, evaluate, load_task, model_spec, set_flat_params
+from fedguard.updatestore import UpdateStore
 from producers import campaign
 from producers.inject import inject
 from tests.conftest import json_values, read_topic, wait_until
@@ -38,6 +44,56 @@ pytestmark = pytest.mark.e2e
 
 WARM_UP = 3  # clean rounds before the attack
 ATTACKED = 8  # rounds under attack
+
+
+class StoreMirror:
+    """Hard links to every tensor the validator writes to the update store, taken while the pipeline runs.
+
+    The aggregator's retention deletes the tensors of a base version two versions after it (keep_from in
+    fedguard/updatestore.py), and :func:`without_attack_accuracy` reads the tensors of every attacked window after
+    the run. A hard link keeps a file's content when retention removes its name from the store; the mirror has the
+    store's layout, so a window member's reference names its tensor in it too. A file is in the store under its
+    final name only once it is whole (written to a temporary name, then renamed)."""
+
+    def __init__(self, source: Path, target: Path, interval_s: float = 0.1) -> None:
+        self.source, self.target, self.interval_s = Path(source), Path(target), interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sweep(self) -> None:
+        for directory, _, names in os.walk(self.source):  # os.walk ignores directories deleted meanwhile
+            for name in names:
+                if not name.endswith(".f32"):
+                    continue
+                source = Path(directory) / name
+                target = self.target / source.relative_to(self.source)
+                if target.exists():
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(source, target)
+                except FileNotFoundError:
+                    pass  # deleted by retention meanwhile (its window's version was published long ago)
+                except FileExistsError:
+                    pass
+                except OSError:  # a file system without hard links: a copy (an open file outlives its deletion)
+                    try:
+                        shutil.copyfile(source, target)
+                    except FileNotFoundError:
+                        pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sweep()
+
+    def __enter__(self) -> "StoreMirror":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.sweep()
 
 
 @dataclass
@@ -50,6 +106,8 @@ class Run:
     events: list[dict]
     attackers: list[str]
     status: dict[str, str]
+    tensors: UpdateStore  # every tensor the validator wrote during the run (a mirror of the update store)
+    valid_refs: dict[tuple[int, int], str]  # position on fl.updates.valid -> the tensor reference its record names
 
     def attacked_windows(self) -> list[dict]:
         return [w for w in self.windows if any(m["update_id"] in self.malicious for m in w["members"])]
@@ -65,7 +123,9 @@ def run_attack(settings, kind: str, attackers: list[str], params: dict | None = 
     assert settings.detection == "ensemble"  # the default configuration is what is tested
     store = ModelStore(settings.models_dir)
     client = registry.connect(settings)
-    with EmbeddedStack(settings, own_broker=False, own_redis=False) as stack:
+    mirror = settings.data_dir.parent / "update-store-mirror"
+    with EmbeddedStack(settings, own_broker=False, own_redis=False) as stack, \
+            StoreMirror(settings.update_store_dir, mirror):
         def version() -> int:
             assert stack.check_alive() == [], f"{stack.check_alive()} died; logs in {stack.log_dir}"
             return store.versions()[-1] if store.versions() else -1
@@ -77,11 +137,14 @@ def run_attack(settings, kind: str, attackers: list[str], params: dict | None = 
         wait_until(lambda: version() >= started.start_version + ATTACKED, 300, what=f"{ATTACKED} attacked rounds")
         versions = [store.meta(v) for v in store.versions()]
     ledger = campaign.ledger(client, settings)
+    valid_refs = {(m.partition, m.offset): records.loads(m.value)["tensor"]
+                  for m in read_topic(settings, settings.topics.valid, idle_s=1.0)}
     return Run(settings=settings, versions=versions, windows=json_values(read_topic(settings, settings.topics.windows)),
                malicious={e["update_id"] for e in ledger},
                rejected=Counter(r["reason"] for r in json_values(read_topic(settings, settings.topics.rejected))),
                events=json_values(read_topic(settings, settings.topics.events)), attackers=attackers,
-               status={d: registry.get_device(client, settings, d)["status"] for d in attackers})
+               status={d: registry.get_device(client, settings, d)["status"] for d in attackers},
+               tensors=UpdateStore(mirror), valid_refs=valid_refs)
 
 
 def without_attack_accuracy(run: Run, window: dict, parent: int) -> float:
@@ -99,15 +162,11 @@ def without_attack_accuracy(run: Run, window: dict, parent: int) -> float:
     # The honest members the pipeline admitted, with the weight it gave them (the window stage's verdicts stand).
     honest = [m for m in window["members"] if m["update_id"] not in run.malicious
               and m["verdict"] != "reject" and m.get("weight", 1.0) > 0]
-    wanted = {(m["valid"]["partition"], m["valid"]["offset"]) for m in honest}
-    deltas = {}
-    for message in read_topic(settings, settings.topics.valid, idle_s=1.0):
-        if (message.partition, message.offset) in wanted:
-            deltas[(message.partition, message.offset)] = records.decode_valid(message.value, 10**7)[1]
-    rows = [(deltas[(m["valid"]["partition"], m["valid"]["offset"])], m["num_samples"], m.get("weight", 1.0))
-            for m in honest]
-    task = load_task(settings.task, seed=settings.seed)
     base = ModelStore(settings.models_dir).load(parent).params
+    for m in honest:  # the member names the tensor its valid record names
+        assert run.valid_refs[(m["valid"]["partition"], m["valid"]["offset"])] == m["tensor"], m
+    rows = [(run.tensors.get(m["tensor"], base.size), m["num_samples"], m.get("weight", 1.0)) for m in honest]
+    task = load_task(settings.task, seed=settings.seed)
     shards = fleet_shards(task.y_train, settings.num_devices, settings.dirichlet_alpha, settings.seed)
     hp = DEFAULT_TRAINING[task.name]
     model = build_model(model_spec(task), seed=settings.seed)

@@ -19,9 +19,10 @@ import psutil
 import pytest
 
 from fedguard.modelstore import ModelStore
-from fedguard.records import decode_valid
+from fedguard.records import loads
 from fedguard.settings import to_env
 from fedguard.stack import EmbeddedStack
+from fedguard.updatestore import UpdateStore, keep_from
 from producers.inject import inject
 from tests.conftest import free_port, json_values, read_topic, wait_until
 
@@ -63,7 +64,7 @@ def test_pipeline_trains_rejects_attacks_and_survives_an_aggregator_crash(settin
     # Conservation: every raw record exactly once in valid or rejected.
     outcomes = Counter()
     for message in valid:
-        meta, _ = decode_valid(message.value, 10**7)
+        meta = loads(message.value)  # JSON: the tensor is in the update store, named by meta["tensor"]
         outcomes[(meta["raw"]["partition"], meta["raw"]["offset"])] += 1
     for record in rejected:
         outcomes[(record["raw"]["partition"], record["raw"]["offset"])] += 1
@@ -83,6 +84,15 @@ def test_pipeline_trains_rejects_attacks_and_survives_an_aggregator_crash(settin
     assert set(applied) <= closed and len(closed - set(applied)) <= 1  # at most the last, still in flight at stop
     log = (stack.log_dir / "aggregator.log").read_text()
     assert f"resuming from persisted version {killed_at}" in log
+
+    # The update store: the last window applied names tensors the aggregator read (still kept), and retention
+    # deleted every base version no window can use any more.
+    updates, latest = UpdateStore(settings.update_store_dir), store.load(versions[-1])
+    last_window = next(w for w in windows if w["window_id"] == latest.meta["window_id"])
+    for member in last_window["members"]:
+        assert updates.get(member["tensor"], latest.params.size).shape == latest.params.shape
+    kept = sorted(int(p.name) for p in (settings.update_store_dir / settings.model_id).iterdir())
+    assert kept and kept[0] >= keep_from(versions[-1], settings.max_staleness), kept
 
 
 def test_up_stops_every_process_it_started_on_sigterm(tmp_path):

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fedguard.envelope import parse
 from fedguard.modelstore import ModelStore
-from fedguard.records import decode_valid
+from fedguard.records import loads
 from fedguard.stack import EmbeddedStack, free_port, wait_for_port
 from processors.worker import other_ports, pool_ports, restart_delay, worker_ports
 from tests.conftest import json_values, read_topic, wait_until
@@ -175,7 +175,7 @@ def outcomes_by_position(settings) -> tuple[dict, dict]:
            for m in read_topic(settings, settings.topics.raw)}
     outcomes: dict[tuple[int, int], list[tuple[str, str]]] = defaultdict(list)
     for message in read_topic(settings, settings.topics.valid):
-        meta, _ = decode_valid(message.value, 10**7)
+        meta = loads(message.value)
         outcomes[(meta["raw"]["partition"], meta["raw"]["offset"])].append(("valid", meta["update_id"]))
     for record in json_values(read_topic(settings, settings.topics.rejected)):
         outcomes[(record["raw"]["partition"], record["raw"]["offset"])].append(("rejected", record["reason"]))
@@ -277,6 +277,17 @@ def test_two_workers_share_the_partitions_and_a_kill_9_mid_window_loses_and_dupl
     # Windows: no update twice in a window, nor in two windows; a window closed twice (re-delivered) has the same
     # members both times, so it is one window, judged once.
     windows = json_values(read_topic(settings, settings.topics.windows))
+    # Tensors: every valid record, a re-delivered one too, names a file of its own in the update store (a second
+    # write never replaces the first), and each window member names the tensor of one of its update's valid records.
+    refs_of: dict[str, set[str]] = defaultdict(set)
+    valid_records = json_values(read_topic(settings, settings.topics.valid))
+    refs = [meta["tensor"] for meta in valid_records]
+    for meta in valid_records:
+        refs_of[meta["update_id"]].add(meta["tensor"])
+    assert len(refs) == len(set(refs)), [r for r, n in Counter(refs).items() if n > 1]
+    for window in windows:
+        for m in window["members"]:
+            assert m["tensor"] in refs_of[m["update_id"]], (window["window_id"], m)
     members_of: dict[str, set[tuple[str, ...]]] = defaultdict(set)
     window_of: dict[str, str] = {}
     valid_ids = {answers[0][1] for answers in outcomes.values() if answers[0][0] == "valid"}

@@ -11,30 +11,30 @@ import json
 
 import numpy as np
 import pytest
-from kafka import KafkaProducer
 
 from aggregator.combine import ConfiguredRule
 from aggregator.rules import RULE_SPECS, RuleConfigError, aggregate, validate_config
 from aggregator.service import AggregatorService
-from fedguard import records, registry
+from fedguard import registry
 from fedguard.stack import create_topics
+from fedguard.updatestore import UpdateStore
 
 pytestmark = pytest.mark.integration
 
 
-def write_window(settings, service, deltas, base_version, num_samples=None, verdicts=None):
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=64 << 20)
+def write_window(settings, deltas, base_version, num_samples=None, verdicts=None):
+    """A closed window of ``deltas``, their tensors written to the update store of ``settings`` (where the service
+    made from the same settings reads them), as the validator writes them."""
+    store = UpdateStore(settings.update_store_dir)
     members = []
     for i, delta in enumerate(deltas):
         count = 50 if num_samples is None else num_samples[i]
         meta = {"update_id": f"u{base_version}-{i}", "device_id": f"dev-{i:04d}", "base_version": base_version,
                 "num_samples": count, "norm": float(np.linalg.norm(delta))}
-        md = producer.send(settings.topics.valid, key=meta["device_id"].encode(),
-                           value=records.encode_valid(meta, delta.astype(np.float32))).get(timeout=30)
+        ref = store.put(settings.model_id, base_version, meta["device_id"], delta.astype(np.float32))
         verdict = "accept" if verdicts is None else verdicts[i]
-        members.append({**meta, "valid": {"partition": md.partition, "offset": md.offset}, "verdict": verdict,
+        members.append({**meta, "valid": {"partition": 0, "offset": i}, "tensor": ref, "verdict": verdict,
                         "weight": {"accept": 1.0, "downweight": 0.5}.get(verdict, 0.0)})
-    producer.close()
     return {"window_id": f"{settings.model_id}:{base_version}", "model_id": settings.model_id,
             "base_version": base_version, "opened_at": 0.0, "closed_at": 0.0, "closed_by": "count",
             "members": members}
@@ -50,7 +50,7 @@ def test_multi_krum_window_excludes_the_attacker_and_records_rule_and_params(set
         rng = np.random.default_rng(3)
         honest = [rng.normal(0, 0.01, d) for _ in range(4)]
         attacker = np.full(d, 5.0)
-        window = write_window(settings, service, honest + [attacker], base_version=0)
+        window = write_window(settings, honest + [attacker], base_version=0)
         v1 = service.handle_window(window)
         assert v1.version == 1 and v1.meta["rule"] == "multi_krum" and v1.meta["rule_params"] == {"f": 1, "m": 3}
         selected = v1.meta["rule_info"]["selected"]
@@ -60,7 +60,7 @@ def test_multi_krum_window_excludes_the_attacker_and_records_rule_and_params(set
         assert service.store.meta(1)["window_id"] == window["window_id"]
 
         # Too few members for f = 1 (needs 2f + 3 = 5): one version all the same, unchanged, with the reason.
-        small = write_window(settings, service, honest[:2], base_version=1)
+        small = write_window(settings, honest[:2], base_version=1)
         v2 = service.handle_window(small)
         assert v2.version == 2 and "skipped" in v2.meta["rule_info"]
         np.testing.assert_array_equal(v2.params, v1.params)
@@ -114,7 +114,7 @@ def test_every_rule_in_the_service_equals_a_direct_call_on_the_same_inputs(setti
         for base in (0, 1):  # two windows, so centered clipping starts from a non-zero previous aggregate
             deltas = [rng.normal(0, 0.01, d) for _ in range(7)]
             outsider = rng.normal(0, 0.5, d)  # rejected by the window stage: must not enter the aggregate
-            window = write_window(settings, service, deltas + [outsider], base, num_samples=COUNTS + [50],
+            window = write_window(settings, deltas + [outsider], base, num_samples=COUNTS + [50],
                                   verdicts=["accept"] * 7 + ["reject"])
             new = service.handle_window(window)
             assert new.version == base + 1 and new.meta["rule"] == rule, new.meta["rule_info"]
@@ -155,16 +155,18 @@ def test_noise_is_unpredictable_unless_an_experiment_seeds_it(settings, tmp_path
     settings = settings.with_overrides(rule=rule, rule_params=params)
     create_topics(settings)
     rng = np.random.default_rng(9)
-    window = None
+    deltas = None
 
     def aggregate_once(run: str, **overrides):
-        nonlocal window
-        service = AggregatorService(settings.with_overrides(data_dir=tmp_path / run, **overrides))
+        nonlocal deltas
+        run_settings = settings.with_overrides(data_dir=tmp_path / run, **overrides)
+        service = AggregatorService(run_settings)
         try:
             v0 = service.start()
-            if window is None:
-                window = write_window(settings, service, [rng.normal(0, 0.01, v0.params.size) for _ in range(7)], 0)
-            return v0, service.handle_window(window)
+            if deltas is None:
+                deltas = [rng.normal(0, 0.01, v0.params.size) for _ in range(7)]
+            # The same window each run, its tensors in this run's own data dir (the update store is in it).
+            return v0, service.handle_window(write_window(run_settings, deltas, 0))
         finally:
             service.close()
 
@@ -193,7 +195,7 @@ def test_downweighted_members_count_with_their_weight_and_rejected_ones_not_at_a
         current = service.start()
         dim = current.params.size
         deltas = [np.full(dim, 1.0), np.full(dim, 3.0), np.full(dim, 100.0)]
-        window = write_window(settings, service, deltas, 0, num_samples=[50, 400, 50],
+        window = write_window(settings, deltas, 0, num_samples=[50, 400, 50],
                               verdicts=["accept", "downweight", "reject"])
         new = service.handle_window(window)
         # weights: 50 * 1.0 and min(400, 100) * 0.5 = 50 -> the mean of 1 and 3.
@@ -209,7 +211,7 @@ def test_a_window_the_rule_cannot_aggregate_says_its_parameters_were_carried_ove
     service = AggregatorService(settings)
     try:
         current = service.start()
-        window = write_window(settings, service, [np.ones(current.params.size)] * 2, 0)
+        window = write_window(settings, [np.ones(current.params.size)] * 2, 0)
         new = service.handle_window(window)
         assert new.version == 1 and np.array_equal(new.params, current.params)
         info = new.meta["rule_info"]

@@ -1,6 +1,6 @@
 """The aggregation service's model audit and operator rollback on the real broker and Redis (issue 14, items 1-3).
 
-Hand-made windows (their tensors on ``fl.updates.valid``, the windows on ``fl.windows``) drive the service's own
+Hand-made windows (their tensors in the update store, the windows on ``fl.windows``) drive the service's own
 loop. The audit test runs the digits task with FedAvg: a first window carries the model to a trained state (the
 audit's warm-up, set to one version here), a second mixes 8 honest updates with one model-replacement backdoor from
 the attack library; its candidate is flagged, not served, and the attacker is quarantined by the audit; a third,
@@ -22,7 +22,7 @@ from fedguard.tasks import (DEFAULT_TRAINING, build_model, get_flat_params, load
 from producers.attacks.live import AttackContext, craft_round
 from producers.sampling import fleet_shards
 from tests.conftest import json_values, read_topic, wait_until
-from tests.integration.test_aggregator_failures import Running, send_valid, send_windows, window
+from tests.integration.test_aggregator_failures import Running, send_windows, store_updates, window
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def test_a_backdoored_candidate_is_flagged_not_served_and_its_device_quarantined
         v0 = service.current.params
         # window 1: one member carries the model to a trained state (FedAvg of one update is that update)
         pretrain = trained_delta(task, spec, v0, task.x_train, task.y_train, seed=1, epochs=8)
-        send_windows(settings, window(settings, 0, send_valid(settings, [pretrain], 0, "w1"), "w1"))
+        send_windows(settings, window(settings, 0, store_updates(settings, [pretrain], 0, "w1"), "w1"))
         running.until_version(1)
         v1 = service.current.params
         # window 2: 8 honest members and one model-replacement backdoor (Bagdasaryan et al. 2020)
@@ -76,12 +76,12 @@ def test_a_backdoored_candidate_is_flagged_not_served_and_its_device_quarantined
                             model=build_model(spec), training=dict(DEFAULT_TRAINING[task.name]),
                             window_size=ATTACKER + 1, rng=np.random.default_rng(7))
         (backdoor, _), = craft_round("model_replacement", {}, ctx)[ATTACKER]
-        send_windows(settings, window(settings, 1, send_valid(settings, [*honest, backdoor], 1, "w2"), "w2"))
+        send_windows(settings, window(settings, 1, store_updates(settings, [*honest, backdoor], 1, "w2"), "w2"))
         running.until_version(2)
         # window 3: honest again, served on top of the last served parameters
         honest3 = [trained_delta(task, spec, v1, task.x_train[shards[i]], task.y_train[shards[i]], seed=10 + i)
                    for i in range(5)]
-        send_windows(settings, window(settings, 2, send_valid(settings, honest3, 2, "w3"), "w3"))
+        send_windows(settings, window(settings, 2, store_updates(settings, honest3, 2, "w3"), "w3"))
         running.until_version(3)
     store = service.store
     v1m, v2, v3 = store.meta(1), store.load(2), store.load(3)
@@ -135,7 +135,8 @@ def test_rollback_through_the_cli_function_makes_the_next_version(settings, oper
         d = service.current.params.size
         for base in range(3):
             deltas = [rng.normal(0, 0.01, d) for _ in range(3)]
-            send_windows(settings, window(settings, base, send_valid(settings, deltas, base, f"r{base}"), f"r{base}"))
+            members = store_updates(settings, deltas, base, f"r{base}")
+            send_windows(settings, window(settings, base, members, f"r{base}"))
             running.until_version(base + 1)
         store = service.store
         # refused before anything is written: the current version, one that does not exist, pruned weights, a
@@ -158,9 +159,10 @@ def test_rollback_through_the_cli_function_makes_the_next_version(settings, oper
         running.until_version(4)
         wait_until(lambda: lineage.pending_rollback(client, settings) is None, 30, what="the request removed")
         # a window for version 3, in flight during the rollback, is stale; the next one builds on version 4
-        send_windows(settings, window(settings, 3, send_valid(settings, [rng.normal(0, 0.01, d)] * 3, 3, "late"),
+        send_windows(settings, window(settings, 3, store_updates(settings, [rng.normal(0, 0.01, d)] * 3, 3, "late"),
                                       "late"))
-        send_windows(settings, window(settings, 4, send_valid(settings, [rng.normal(0, 0.01, d)] * 3, 4, "r4"), "r4"))
+        send_windows(settings, window(settings, 4, store_updates(settings, [rng.normal(0, 0.01, d)] * 3, 4, "r4"),
+                                      "r4"))
         running.until_version(5)
     v1, v4, v5 = store.load(1), store.load(4), store.load(5)
     np.testing.assert_array_equal(v4.params, v1.params)

@@ -18,10 +18,11 @@ import pytest
 from kafka import KafkaProducer
 
 from fedguard import registry
-from fedguard.records import decode_valid
+from fedguard.records import loads
 from fedguard.stack import EmbeddedStack
 from fedguard.tasks import load_task, model_spec
 from fedguard.topicio import consumer_from_beginning
+from fedguard.updatestore import UpdateStore
 from tests.conftest import json_values, read_topic
 from tests.hostile import AUTHENTIC, MALFORMED, Fleet
 
@@ -98,10 +99,16 @@ def test_ten_thousand_malformed_records_among_honest_ones(settings):
     assert len(sent) == len(stream) >= MALFORMED_COUNT + len(ordered)
     # Conservation: every raw record exactly once, in valid or rejected, by raw position.
     outcomes: dict[tuple[int, int], list[str]] = {}
+    store = UpdateStore(settings.update_store_dir)  # where the worker wrote the valid tensors
+    refs = []
     for message in valid:
-        meta, tensor = decode_valid(message.value, n)
+        meta = loads(message.value)
+        tensor = store.get(meta["tensor"], n)
         assert tensor.shape == (n,) and np.isfinite(tensor).all()
+        refs.append(meta["tensor"])
         outcomes.setdefault((meta["raw"]["partition"], meta["raw"]["offset"]), []).append("ok")
+    # One tensor in the store per valid record, none for the 10,000 rejected ones.
+    assert len(set(refs)) == len(refs) == len(list(settings.update_store_dir.rglob("*.f32")))
     for record in json_values(rejected):
         outcomes.setdefault((record["raw"]["partition"], record["raw"]["offset"]), []).append(record["reason"])
     assert sorted(outcomes) == sorted(sent)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +20,7 @@ from fedguard.envelope import UpdateHeader
 from fedguard.reasons import Reason, RejectError
 from fedguard.settings import Settings
 from fedguard.sketch import SketchSpec, sketch
+from fedguard.updatestore import UpdateStore
 from processors import admission, validation
 from processors import app as A
 from processors import windows as W
@@ -34,7 +36,9 @@ def event(value: bytes | None, key: bytes | None = b"dev-1", partition: int = 2,
 
 def update(device_id: str = "dev-1", base_version: int = 3) -> ValidUpdate:
     header = UpdateHeader.new(device_id=device_id, seq=4, base_version=base_version, num_samples=20, model_id="m")
-    tensor = np.random.default_rng(0).normal(size=SPEC.dim).astype(np.float32)
+    # Each device its own tensor, so a tensor stored under another update's reference is seen.
+    seed = zlib.crc32(f"{device_id}/{base_version}".encode())
+    tensor = np.random.default_rng(seed).normal(size=SPEC.dim).astype(np.float32)
     return ValidUpdate(header, tensor, float(np.linalg.norm(tensor)))
 
 
@@ -70,25 +74,27 @@ def test_security_event_record_carries_the_raw_position():
     assert A.security_event_record(event_, position) == {**event_, "raw": position}
 
 
-def test_valid_record_round_trips_with_its_metadata():
+def test_valid_record_is_json_metadata_naming_its_tensor_in_the_update_store(tmp_path):
     u = update()
-    position = {"partition": 2, "offset": 17}
-    meta = A.valid_meta(u, position)
+    position, store = {"partition": 2, "offset": 17}, UpdateStore(tmp_path)
+    ref = asyncio.run(A.store_tensor(store, u))
+    meta = A.valid_meta(u, position, ref)
     h = u.header
     assert meta == {"update_id": h.update_id, "device_id": h.device_id, "model_id": "m", "base_version": 3,
                     "seq": 4, "num_samples": 20, "timestamp": h.timestamp, "norm": u.norm, "raw": position,
-                    "checks": list(CHECKS)}
-    back, tensor = records.decode_valid(records.encode_valid(meta, u.tensor), SPEC.dim)
-    assert back == meta and np.array_equal(tensor, u.tensor)
+                    "tensor": ref, "checks": list(CHECKS)}
+    assert records.loads(records.dumps(meta)) == meta  # the whole record is JSON: no tensor on the topic
+    assert ref.startswith("m/3/dev-1.")  # model, base version, device (retention prunes by base version)
+    assert store.get(meta["tensor"], SPEC.dim).tobytes() == u.tensor.tobytes()
 
 
-def test_index_record_points_at_the_valid_record_and_carries_the_sketch():
+def test_index_record_points_at_the_valid_record_and_its_tensor_and_carries_the_sketch():
     u = update()
-    position, valid = {"partition": 2, "offset": 17}, {"partition": 0, "offset": 41}
-    record = A.index_record(u, position, valid, SPEC)
+    position, valid, ref = {"partition": 2, "offset": 17}, {"partition": 0, "offset": 41}, "m/3/dev-1.00ff.f32"
+    record = A.index_record(u, position, valid, ref, SPEC)
     assert {k: v for k, v in record.items() if k != "sketch"} == {
         "update_id": u.header.update_id, "device_id": "dev-1", "base_version": 3, "num_samples": 20,
-        "norm": u.norm, "raw": position, "valid": valid}
+        "norm": u.norm, "raw": position, "tensor": ref, "valid": valid}
     assert np.array_equal(sketch_codec.decode(record["sketch"], SPEC.k), sketch(u.tensor, SPEC))
     assert records.loads(records.dumps(record)) == record  # JSON-safe
 
@@ -109,14 +115,32 @@ class Topic:
         return ack
 
 
-def outputs():
+class LoggedStore(UpdateStore):
+    """A real update store that also notes each write in the routing log (to see it precedes the valid record)."""
+
+    def __init__(self, root, log: list) -> None:
+        super().__init__(root)
+        self.log = log
+
+    def put(self, model_id, base_version, device_id, tensor):
+        ref = super().put(model_id, base_version, device_id, tensor)
+        self.log.append("store")
+        return ref
+
+
+def stored_files(store: UpdateStore) -> list:
+    return sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*") if p.is_file()) \
+        if store.root.exists() else []
+
+
+def outputs(root):
     log: list[str] = []
     return A.ValidationOutputs(Topic("valid", log), Topic("rejected", log), Topic("index", log), Topic("events", log),
-                               SPEC), log
+                               SPEC, LoggedStore(root, log)), log
 
 
-def test_route_validated_sends_every_record_to_exactly_one_of_valid_and_rejected():
-    out, log = outputs()
+def test_route_validated_sends_every_record_to_exactly_one_of_valid_and_rejected(tmp_path):
+    out, log = outputs(tmp_path / "updates")
     flood = RejectError(Reason.RATE_LIMITED, "bucket empty", device_id="dev-2", authenticated=True)
     flood.event = {"type": "rate_limited", "device_id": "dev-2", "reason": "rate_limited", "detail": "d", "at": 1.0}
     outcomes = [update("dev-1"), RejectError(Reason.MALFORMED, "bad"), flood, update("dev-3")]
@@ -129,18 +153,68 @@ def test_route_validated_sends_every_record_to_exactly_one_of_valid_and_rejected
     assert [records.loads(v)["reason"] for _, v in out.rejected.sent] == ["malformed", "rate_limited"]
     (key, value), = out.events.sent  # only the rejection that carries a security event
     assert key == b"dev-2" and records.loads(value)["raw"] == {"partition": 2, "offset": 3}
-    # The index names only records the broker acknowledged on the valid topic: after every valid send.
-    assert log == ["valid", "rejected", "rejected", "events", "valid", "index", "index"]
+    # Each valid record is sent once its tensor is in the store; the index names only records the broker
+    # acknowledged on the valid topic: after every valid send.
+    assert log == ["store", "valid", "rejected", "rejected", "events", "store", "valid", "index", "index"]
+    valid = [records.loads(v) for _, v in out.valid.sent]
     index = [records.loads(v) for _, v in out.index.sent]
     assert [k for k, _ in out.index.sent] == [b"m", b"m"]
     assert [(e["device_id"], e["raw"]["offset"], e["valid"]) for e in index] == [
         ("dev-1", 1, {"partition": 0, "offset": 101}), ("dev-3", 4, {"partition": 0, "offset": 102})]
+    # The tensors are in the store, not on the topics: one file per valid record (none for a rejected one), named
+    # by the valid record and its index alike, holding that update's tensor.
+    refs = [v["tensor"] for v in valid]
+    assert [e["tensor"] for e in index] == refs and stored_files(out.store) == sorted(refs) and len(set(refs)) == 2
+    for ref, u in zip(refs, [outcomes[0], outcomes[3]]):
+        assert out.store.get(ref, SPEC.dim).tobytes() == u.tensor.tobytes()
+    assert all(set(r) <= {"raw", "device_id", "authenticated", "reason", "detail", "rejected_at"}
+               for r in (records.loads(v) for _, v in out.rejected.sent))
 
 
-def test_route_validated_of_a_batch_rejected_whole_sends_no_valid_and_no_index():
-    out, log = outputs()
+def test_route_validated_of_a_batch_rejected_whole_sends_no_valid_no_index_and_stores_nothing(tmp_path):
+    out, log = outputs(tmp_path / "updates")
     asyncio.run(A.route_validated(out, [event(None, None)], [RejectError(Reason.MALFORMED, "empty")]))
-    assert log == ["rejected"]
+    assert log == ["rejected"] and stored_files(out.store) == []
+
+
+def test_a_redelivered_record_is_stored_again_under_a_new_reference(tmp_path):
+    """At least once: the same raw record validated twice writes two files, neither overwriting the other."""
+    out, log = outputs(tmp_path / "updates")
+    u = update("dev-1")
+    asyncio.run(A.route_validated(out, [event(b"a", offset=1)], [u]))
+    asyncio.run(A.route_validated(out, [event(b"a", offset=1)], [u]))
+    first, second = (records.loads(v)["tensor"] for _, v in out.valid.sent)
+    assert first != second and stored_files(out.store) == sorted([first, second])
+    assert out.store.get(first, SPEC.dim).tobytes() == out.store.get(second, SPEC.dim).tobytes() == u.tensor.tobytes()
+
+
+class FailingStore(UpdateStore):
+    """A real store whose first ``failures`` writes fail as a full or unwritable disk does."""
+
+    def __init__(self, root, failures: int) -> None:
+        super().__init__(root)
+        self.failures, self.attempts = failures, 0
+
+    def put(self, model_id, base_version, device_id, tensor):
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise OSError(28, "No space left on device")
+        return super().put(model_id, base_version, device_id, tensor)
+
+
+def test_a_store_that_cannot_be_written_pauses_the_valid_record_until_it_can(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "STORE_RETRY_S", (0.001, 0.002))
+    log: list[str] = []
+    store = FailingStore(tmp_path / "updates", failures=3)
+    out = A.ValidationOutputs(Topic("valid", log), Topic("rejected", log), Topic("index", log),
+                              Topic("events", log), SPEC, store)
+    errors = A.STORE_ERRORS._value.get()
+    u = update("dev-1")
+    asyncio.run(A.route_validated(out, [event(b"a", offset=1)], [u]))
+    assert store.attempts == 4 and A.STORE_ERRORS._value.get() == errors + 3
+    assert log == ["valid", "index"]  # sent once, after the write that succeeded: never rejected, never lost
+    (_, value), = out.valid.sent
+    assert store.get(records.loads(value)["tensor"], SPEC.dim).tobytes() == u.tensor.tobytes()
 
 
 class HeldTopic(Topic):
@@ -173,10 +247,10 @@ class BatchValidator:
         return [update(key.decode()) for _, key, _ in items]
 
 
-def pipeline():
+def pipeline(root):
     log: list[str] = []
     out = A.ValidationOutputs(HeldTopic("valid", log), Topic("rejected", log), Topic("index", log),
-                              Topic("events", log), SPEC)
+                              Topic("events", log), SPEC, UpdateStore(root))
     acked: list[int] = []
 
     async def ack(e):
@@ -193,9 +267,10 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_the_next_batch_is_validated_while_the_one_before_waits_for_the_broker_and_raw_records_are_acked_after():
+def test_the_next_batch_is_validated_while_the_one_before_waits_for_the_broker_and_raw_records_are_acked_after(
+        tmp_path):
     async def scenario():
-        p, out, log, acked, processed = pipeline()
+        p, out, log, acked, processed = pipeline(tmp_path)
         first, second = [event(b"a", b"dev-1", offset=1), event(b"b", b"dev-2", offset=2)], [event(b"c", offset=3)]
         await p.submit(first)
         assert log == ["valid", "valid"] and acked == []  # sent, not acknowledged by the broker yet
@@ -212,13 +287,17 @@ def test_the_next_batch_is_validated_while_the_one_before_waits_for_the_broker_a
         assert acked == [1, 2, 3] and processed == [1, 2, 3] and log[-2:] == ["index", "ack 3"]
         assert [records.loads(v)["raw"]["offset"] for _, v in out.index.sent] == [1, 2, 3]
         assert [records.loads(v)["valid"]["offset"] for _, v in out.index.sent] == [100, 101, 100]
+        refs = [records.loads(v)["tensor"] for _, v in out.valid.sent]
+        assert [records.loads(v)["tensor"] for _, v in out.index.sent] == refs and len(set(refs)) == 3
+        for ref, device in zip(refs, ["dev-1", "dev-2", "dev-1"]):
+            assert out.store.get(ref, SPEC.dim).tobytes() == update(device).tensor.tobytes()
 
     asyncio.run(scenario())
 
 
-def test_a_batch_that_cannot_be_indexed_is_not_acked_and_its_failure_stops_the_next_submit():
+def test_a_batch_that_cannot_be_indexed_is_not_acked_and_its_failure_stops_the_next_submit(tmp_path):
     async def scenario():
-        p, out, log, acked, processed = pipeline()
+        p, out, log, acked, processed = pipeline(tmp_path)
         await p.submit([event(b"a", b"dev-1", offset=1)])
         out.valid.held[0].set_exception(RuntimeError("broker gone"))
         try:
@@ -232,9 +311,9 @@ def test_a_batch_that_cannot_be_indexed_is_not_acked_and_its_failure_stops_the_n
     asyncio.run(scenario())
 
 
-def test_cancel_leaves_the_finishing_batch_unacked():
+def test_cancel_leaves_the_finishing_batch_unacked(tmp_path):
     async def scenario():
-        p, out, log, acked, processed = pipeline()
+        p, out, log, acked, processed = pipeline(tmp_path)
         await p.submit([event(b"a", b"dev-1", offset=1)])
         p.cancel()
         out.valid.acknowledge(1)
@@ -266,7 +345,8 @@ def stage(size: int = 2):
 
 def entry(device_id: str, base_version: int = 3, update_id: str | None = None) -> dict:
     return {"update_id": update_id or f"u-{device_id}", "device_id": device_id, "base_version": base_version,
-            "num_samples": 1, "norm": 1.0, "raw": {"partition": 0, "offset": 0}, "sketch": "x"}
+            "num_samples": 1, "norm": 1.0, "raw": {"partition": 0, "offset": 0},
+            "tensor": f"m/{base_version}/{update_id or device_id}.00ff.f32", "sketch": "x"}
 
 
 def test_a_window_closes_when_its_last_seat_is_taken_and_a_second_update_of_a_device_gets_none():
@@ -287,6 +367,8 @@ def test_a_window_closes_when_its_last_seat_is_taken_and_a_second_update_of_a_de
     assert key == b"m" and record["closed_by"] == "count"
     assert [m["device_id"] for m in record["members"]] == ["dev-1", "dev-2"]
     assert all("sketch" not in m for m in record["members"])
+    # Each member still names its tensor in the update store: what the aggregator reads.
+    assert [m["tensor"] for m in record["members"]] == ["m/3/dev-1.00ff.f32", "m/3/dev-2.00ff.f32"]
     assert [records.loads(v)["type"] for _, v in s.events_topic.sent] == ["flagged"]
 
 

@@ -148,15 +148,22 @@ def test_codec_round_trip(dtype):
     np.arange(40, dtype=np.float16).reshape(5, 8)[:, ::2],  # not contiguous
     np.frombuffer(b"\x00" * 12 + np.arange(6, dtype="<f4").tobytes(), "<f4", -1, 12),  # read-only view
 ])
-def test_tensor_bytes_are_the_documented_layout_and_a_valid_record_frames_them(tensor):
+def test_tensor_bytes_are_the_documented_layout(tensor):
     """The layout of the module docstring, byte for byte (the encoder joins its parts instead of concatenating)."""
     little = tensor.dtype.newbyteorder("<")
     expected = (b"FGT1" + bytes([{"f4": 1, "f8": 2, "f2": 3}[little.str[1:]], tensor.ndim, 0, 0])
                 + struct.pack(f"<{tensor.ndim}I", *tensor.shape) + np.ascontiguousarray(tensor, little).tobytes())
     assert encode_tensor(tensor) == b"".join(encoded_parts(tensor)) == expected
-    meta = {"update_id": "u", "norm": 1.5}
-    head = records.dumps(meta)
-    assert records.encode_valid(meta, tensor) == struct.pack(">I", len(head)) + head + expected
+
+
+def test_a_valid_record_is_compact_json_naming_its_tensor_in_the_update_store():
+    """No binary framing any more: the tensor is in the update store (fedguard/updatestore.py), the record names it."""
+    meta = {"update_id": "u", "norm": 1.5, "raw": {"partition": 0, "offset": 3}, "tensor": "m/3/dev-0001.00ff.f32"}
+    raw = records.dumps(meta)
+    assert raw == (b'{"norm":1.5,"raw":{"offset":3,"partition":0},"tensor":"m/3/dev-0001.00ff.f32",'
+                   b'"update_id":"u"}')  # sorted keys, no spaces, UTF-8
+    assert records.loads(raw) == meta
+    assert not hasattr(records, "encode_valid") and not hasattr(records, "decode_valid")
 
 
 def test_codec_refuses_unsupported_arrays():

@@ -1,0 +1,111 @@
+"""The update store: validated tensors kept beside the log, referenced from it (the claim-check pattern).
+
+A record of ``fl.updates.valid`` (and of its index, and a member of a window) carries everything about a validated
+update except its tensor, and ``tensor``: a reference into this store, where the validator wrote the tensor before it
+sent the record. The aggregator reads the window members' tensors from here.
+
+Why not the tensor on the topic (measured, ``bench/pipeline.py`` and ``bench/results/pipeline.md``): with the tensor
+on ``fl.updates.valid`` every validated byte crossed the broker three times (raw in, valid in, valid out to the
+aggregator); producing it cost the worker a CRC, three copies and a socket write per record, and the broker a second
+copy in its memory engine, which never frees records (issue 12). At d = 100k one worker validated 30-33% of the raw
+consume rate with it, 41-46% without it. At d = 1M a tensor is 4 MB, past the 1 MB ``max.message.bytes`` a stock
+Kafka topic accepts. Large payloads beside the log and a reference in the record is the usual answer (Hohpe & Woolf,
+"Enterprise Integration Patterns", 2003: Claim Check).
+
+Layout: ``<root>/<model id>/<base version>/<device id>.<random token>.f32``, the tensor's float32 values in
+little-endian order and nothing else. The token (from :mod:`secrets`) makes every write a new file: two devices, or a
+re-delivery, or a broker whose memory engine restarted its offsets at 0, never share a name. A file is written to a
+temporary name and renamed, so a reader finds the whole tensor or nothing.
+
+Retention (:meth:`UpdateStore.prune`): the aggregator deletes the directories of base versions no window can still
+use, after it published each version. Every process that reads or writes must see the same directory: the embedded
+stack's processes share the data dir; in compose every fedguard service mounts the same volume; on several hosts it
+must be shared storage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+_SUFFIX = ".f32"
+_DTYPE = np.dtype("<f4")
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # the wire's id alphabet (fedguard/envelope.py)
+
+
+class UpdateMissing(LookupError):
+    """A reference names no tensor (deleted by retention, or never written)."""
+
+
+def _component(value: str, what: str) -> str:
+    if not _NAME.match(value) or value in (".", ".."):
+        raise ValueError(f"{what} {value!r} is not a valid path component")
+    return value
+
+
+class UpdateStore:
+    """Tensors of validated updates under ``root`` (see the module docstring)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def put(self, model_id: str, base_version: int, device_id: str, tensor: np.ndarray) -> str:
+        """Write ``tensor`` (float32, any shape: stored flat) and return its reference."""
+        directory = f"{_component(model_id, 'model id')}/{int(base_version)}"
+        ref = f"{directory}/{_component(device_id, 'device id')}.{secrets.token_hex(8)}{_SUFFIX}"
+        path = self.root / ref
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "wb") as f:
+            f.write(np.ascontiguousarray(tensor, dtype=_DTYPE).data)
+        os.replace(temporary, path)
+        return ref
+
+    def get(self, ref: str, num_params: int) -> np.ndarray:
+        """The tensor ``ref`` names, as a float32 vector of ``num_params`` values.
+
+        Raises :class:`UpdateMissing` if there is none, ``ValueError`` for a reference outside the store or a file
+        of another size."""
+        path, expected = self._path(ref), num_params * _DTYPE.itemsize
+        data = bytearray(expected + 1)  # one byte more: a longer file is seen, not cut
+        try:
+            with open(path, "rb") as f:
+                size = f.readinto(data)
+        except FileNotFoundError:
+            raise UpdateMissing(f"no update tensor {ref!r} in {self.root} (deleted by retention?)") from None
+        if size != expected:
+            raise ValueError(f"update tensor {ref!r} holds {'more than ' if size > expected else ''}{size} bytes, "
+                             f"the model needs {expected}")
+        return np.frombuffer(memoryview(data)[:expected], dtype=_DTYPE).astype(np.float32, copy=False)
+
+    def prune(self, model_id: str, keep_from: int) -> list[int]:
+        """Delete the tensors of every base version below ``keep_from``; returns the base versions deleted."""
+        model_dir = self.root / _component(model_id, "model id")
+        if not model_dir.is_dir():
+            return []
+        old = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and int(p.name) < keep_from)
+        for version in old:
+            shutil.rmtree(model_dir / str(version), ignore_errors=True)
+        return old
+
+    def _path(self, ref: str) -> Path:
+        parts = ref.split("/")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].endswith(_SUFFIX):
+            raise ValueError(f"{ref!r} is not an update store reference")
+        _component(parts[0], "model id")
+        _component(parts[2], "file name")
+        return self.root / ref
+
+
+def keep_from(current_version: int, max_staleness: int) -> int:
+    """The oldest base version whose tensors a window can still need once ``current_version`` is published.
+
+    Updates on base versions from ``current_version - max_staleness`` on are admitted; a window of base version
+    ``current_version - max_staleness - 1`` can still be closing (its deadline, a slow aggregator) while the version
+    after it is published, so one more is kept, and one for a window the aggregator is re-reading after a restart."""
+    return max(0, current_version - max_staleness - 2)
