@@ -153,9 +153,9 @@ def test_route_validated_sends_every_record_to_exactly_one_of_valid_and_rejected
     assert [records.loads(v)["reason"] for _, v in out.rejected.sent] == ["malformed", "rate_limited"]
     (key, value), = out.events.sent  # only the rejection that carries a security event
     assert key == b"dev-2" and records.loads(value)["raw"] == {"partition": 2, "offset": 3}
-    # Each valid record is sent once its tensor is in the store; the index names only records the broker
-    # acknowledged on the valid topic: after every valid send.
-    assert log == ["store", "valid", "rejected", "rejected", "events", "store", "valid", "index", "index"]
+    # The batch's tensors are written first (in one call, in a thread), then every record is sent in order; the
+    # index names only records the broker acknowledged on the valid topic: after every valid send.
+    assert log == ["store", "store", "valid", "rejected", "rejected", "events", "valid", "index", "index"]
     valid = [records.loads(v) for _, v in out.valid.sent]
     index = [records.loads(v) for _, v in out.index.sent]
     assert [k for k, _ in out.index.sent] == [b"m", b"m"]
@@ -232,6 +232,8 @@ class HeldTopic(Topic):
 
     def acknowledge(self, count: int) -> None:
         for ack in self.held[:count]:
+            if ack.cancelled():  # its awaiter was cancelled (the pipeline stopped)
+                continue
             ack.set_result(SimpleNamespace(partition=0, offset=100 + self.held.index(ack)))
         self.held = self.held[count:]
 
@@ -267,21 +269,33 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Wait for ``condition()`` (the tensors are written in a thread, so this takes real time)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)
+
+
 def test_the_next_batch_is_validated_while_the_one_before_waits_for_the_broker_and_raw_records_are_acked_after(
         tmp_path):
     async def scenario():
         p, out, log, acked, processed = pipeline(tmp_path)
         first, second = [event(b"a", b"dev-1", offset=1), event(b"b", b"dev-2", offset=2)], [event(b"c", offset=3)]
         await p.submit(first)
-        assert log == ["valid", "valid"] and acked == []  # sent, not acknowledged by the broker yet
+        await until(lambda: log == ["valid", "valid"])  # tensors written, records sent: not acknowledged yet
+        assert acked == []
         submitting = asyncio.ensure_future(p.submit(second))
+        await until(lambda: p.validator.batches == [["2:1", "2:2"], ["2:3"]])
         await settle()
-        # The second batch was validated and its valid record sent while the first waits for its acknowledgements.
-        assert p.validator.batches == [["2:1", "2:2"], ["2:3"]] and log == ["valid"] * 3 and not submitting.done()
+        # The second batch was validated (and its tensor written) while the first waits for its acknowledgements;
+        # its records wait for the first batch to finish, so the index keeps the raw order.
+        assert log == ["valid", "valid"] and not submitting.done()
         out.valid.acknowledge(2)
-        await settle()
-        assert submitting.done() and acked == [1, 2] and processed == [1, 2]
-        assert log == ["valid"] * 3 + ["index", "index", "ack 1", "ack 2"]  # acked once its index is on the broker
+        await until(lambda: submitting.done() and len(log) == 7)
+        assert acked == [1, 2] and processed == [1, 2]
+        assert log == ["valid"] * 2 + ["index", "index", "ack 1", "ack 2", "valid"]  # acked once indexed
         out.valid.acknowledge(1)
         await p.drain()
         assert acked == [1, 2, 3] and processed == [1, 2, 3] and log[-2:] == ["index", "ack 3"]
@@ -299,6 +313,7 @@ def test_a_batch_that_cannot_be_indexed_is_not_acked_and_its_failure_stops_the_n
     async def scenario():
         p, out, log, acked, processed = pipeline(tmp_path)
         await p.submit([event(b"a", b"dev-1", offset=1)])
+        await until(lambda: len(out.valid.held) == 1)
         out.valid.held[0].set_exception(RuntimeError("broker gone"))
         try:
             await p.submit([event(b"b", b"dev-2", offset=2)])
@@ -315,6 +330,7 @@ def test_cancel_leaves_the_finishing_batch_unacked(tmp_path):
     async def scenario():
         p, out, log, acked, processed = pipeline(tmp_path)
         await p.submit([event(b"a", b"dev-1", offset=1)])
+        await until(lambda: len(out.valid.held) == 1)
         p.cancel()
         out.valid.acknowledge(1)
         await settle()
