@@ -566,6 +566,7 @@ def instrument(service, timer: StepTimer) -> None:
     service.fetch_updates = timer.wrap("fetch", service.fetch_updates)
     service.rule = TimedRule(service.rule, timer)
     service._evaluate = timer.wrap("evaluate", service._evaluate)
+    service.auditor.audit_candidate = timer.wrap("audit", service.auditor.audit_candidate)
     service.store.save = timer.wrap("persist", service.store.save)
     service._publish = timer.wrap("publish", service._publish)
     service.handle_window = timer.finish(service.handle_window)
@@ -867,6 +868,7 @@ def write_results(args: argparse.Namespace, measured: dict[str, Any], summary: d
     split = s["latency_split_median_s"]
     for step, label in (("fetch_s", "read the members' tensors from the update store"),
                         ("aggregate_s", "aggregate (norm_clip)"), ("evaluate_s", "evaluate (test set and backdoor)"),
+                        ("audit_s", "audit the candidate (Neural Cleanse, aggregator/auditing.py)"),
                         ("persist_s", "persist (model store)"), ("publish_s", "publish (Redis key, fl.models)"),
                         ("handle_window_s", "the service's whole window (the above and the rest)"),
                         ("delivery_s", "delivery: the window to the aggregator's poll, the version to this reader")):
