@@ -9,8 +9,10 @@ The embedded stack runs it as one more supervised process when it runs Prometheu
   record and ignores retention: its RSS grows with the traffic and is the number to watch.
 * Redis: ``fedguard_redis_up`` (PING), and from one ``INFO``: used and resident memory, connected clients, whether
   the append-only file is on and its last write succeeded (absent while Redis is down).
-* disk: ``fedguard_model_store_bytes`` (every model version under ``<data dir>/models``; the directory walk is
-  cached for a few seconds) and ``fedguard_data_dir_free_bytes``.
+* disk: ``fedguard_model_store_bytes`` (every model version under ``<data dir>/models``),
+  ``fedguard_update_store_bytes`` (the validated tensors waiting for their window under ``<data dir>/updates``,
+  fedguard/updatestore.py; bounded by the aggregator's retention), each directory walk cached for a few seconds, and
+  ``fedguard_data_dir_free_bytes``.
 
 The broker's and Redis' process ids come from a small JSON file the stack rewrites whenever it starts either of
 them (:func:`pid_file`), so a broker restarted by the supervisor is followed without restarting this exporter.
@@ -60,6 +62,9 @@ REDIS_AOF_LAST_WRITE_OK = Gauge("fedguard_redis_aof_last_write_ok",
                                 "full disk)", registry=GAUGES)
 MODEL_STORE_BYTES = Gauge("fedguard_model_store_bytes", "Bytes of every model version under <data dir>/models",
                           registry=GAUGES)
+UPDATE_STORE_BYTES = Gauge("fedguard_update_store_bytes",
+                           "Bytes of the validated update tensors under <data dir>/updates (the update store)",
+                           registry=GAUGES)
 DATA_DIR_FREE = Gauge("fedguard_data_dir_free_bytes", "Free bytes on the file system of the data dir",
                       registry=GAUGES)
 
@@ -197,6 +202,7 @@ class InfraCollector(Collector):
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=PROBE_TIMEOUT_S,
                                           socket_connect_timeout=PROBE_TIMEOUT_S)
         self.model_store = Cached(lambda: float(directory_bytes(settings.data_dir / "models")), DIRECTORY_CACHE_S)
+        self.update_store = Cached(lambda: float(directory_bytes(settings.update_store_dir)), DIRECTORY_CACHE_S)
         self._lock = threading.Lock()  # scrapes may overlap: each sets and reads the gauges as a whole
 
     def refresh(self) -> None:
@@ -206,6 +212,7 @@ class InfraCollector(Collector):
         BROKER_RSS.set(math.nan if rss is None else rss)
         self.refresh_redis()
         MODEL_STORE_BYTES.set(self.model_store.get())
+        UPDATE_STORE_BYTES.set(self.update_store.get())
         DATA_DIR_FREE.set(free_bytes(self.settings.data_dir))
 
     def refresh_redis(self) -> None:

@@ -230,6 +230,8 @@ def test_stack_runs_prometheus_scraping_every_service_with_the_alert_rules(tmp_p
         # The infrastructure, as Prometheus scraped it.
         wait_until(lambda: (single_value(url, "fedguard_model_store_bytes") or 0) > 0, 60,
                    what="the aggregator's version 0 in the model store size")
+        update_store = single_value(url, "fedguard_update_store_bytes")  # exported; 0 before the first update
+        assert update_store is not None and update_store >= 0
         assert single_value(url, "fedguard_broker_up") == 1
         assert single_value(url, "fedguard_broker_resident_memory_bytes") > 0
         assert single_value(url, "fedguard_redis_up") == 1

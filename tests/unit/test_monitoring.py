@@ -329,6 +329,7 @@ DASHBOARD_SUBJECTS = {
     "fedguard-infrastructure.json": ("fedguard-infrastructure", "fedguard infrastructure", (
         "fedguard_broker_resident_memory_bytes", "fedguard_broker_up", "fedguard_redis_up",
         "fedguard_redis_used_memory_bytes", "fedguard_redis_connected_clients", "fedguard_model_store_bytes",
+        "fedguard_update_store_bytes",
         "fedguard_data_dir_free_bytes")),
 }
 
