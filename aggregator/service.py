@@ -1,9 +1,10 @@
 """The aggregation service: one new global model version per closed window, exactly once, across restarts.
 
 Loop: read a window from ``fl.windows``; read the accepted members' tensors from the update store
-(fedguard/updatestore.py) at the references the window names; apply the configured rule to the deltas; evaluate; persist the version (the commit
-point); publish it to ``fl.models`` and Redis; only then commit the window's offset. A crash between persisting
-and committing re-delivers the window, which is then recognised as applied (its id is on the current version).
+(fedguard/updatestore.py) at the references the window names; apply the configured rule to the deltas; evaluate;
+persist the version (the commit point); publish it to ``fl.models`` and Redis; only then commit the window's
+offset. A crash between persisting and committing re-delivers the window, which is then recognised as applied (its
+id is on the current version).
 
 A window whose tensors cannot be read from the update store (deleted by retention, never written, a store that
 cannot be read) does not stop the service.
@@ -36,7 +37,6 @@ import hashlib
 import logging
 import threading
 import time
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -197,11 +197,9 @@ class WindowFetchError(RuntimeError):
 
 
 class AggregatorService:
-    # Reading a window's tensors: attempts, the first back-off (doubled after each failed attempt) and how long one
-    # attempt may wait for the records of one partition.
+    # Reading a window's tensors: attempts and the first back-off (doubled after each failed attempt).
     FETCH_ATTEMPTS = 4
     FETCH_BACKOFF_S = 0.5
-    FETCH_TIMEOUT_S = 30.0
 
     def __init__(self, settings: Settings):
         self.settings = settings

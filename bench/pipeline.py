@@ -16,10 +16,10 @@ ports and stops at the end (also on Ctrl-C):
   was sent, none rejected. CPU seconds of every worker, the broker, Redis, this script and the whole machine are
   read (psutil) over the same interval.
 * **window -> version**: an ``AggregatorService`` (in a thread of this process, default rule ``norm_clip`` and the
-  default evaluation) reads windows of n members from ``fl.windows``, reads their tensors from
-  the update store (fedguard/updatestore.py) and publishes versions to ``fl.models``: from sending a window record to reading its version
-  on ``fl.models``, with the split into fetch / aggregate / evaluate / persist / publish timed around the service's
-  own calls.
+  default evaluation and audit) reads windows of n members from ``fl.windows``, reads their tensors from the update
+  store (fedguard/updatestore.py) and publishes versions to ``fl.models``: from sending a window record to reading
+  its version on ``fl.models``, with the split into fetch / aggregate / evaluate / audit / persist / publish timed
+  around the service's own calls.
 
 Each repeat fills a fresh raw topic (fresh topics, model id, Redis namespace and enrolment, records sealed again,
 so replay and clock checks pass) and measures floor, then the worker configurations in alternating order. Medians
@@ -944,8 +944,9 @@ def reading_notes(measured: dict[str, Any], args: argparse.Namespace) -> list[st
         f"re-deliveries per run: {', '.join(str(d) for d in dupes) or '-'}.",
         "* **Window -> version** runs the real `AggregatorService` (default settings: rule norm_clip, evaluation on "
         "the test set with the default backdoor check) in a thread of this script, on valid records in the "
-        "validator's format (tensors in the update store, `fedguard/updatestore.py`; JSON records naming them) and window records built by `processors.windows."
-        "window_record`, every member accepted with weight 1. The split is timed around the service's own calls.",
+        "validator's format (tensors in the update store, `fedguard/updatestore.py`; JSON records naming them) and "
+        "window records built by `processors.windows.window_record`, every member accepted with weight 1. The split "
+        "is timed around the service's own calls.",
     ]
     if problems:
         notes.append(f"* **Runs without a timed part**: {'; '.join(problems)}.")

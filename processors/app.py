@@ -6,8 +6,8 @@ Two agents, each a short ``async for``:
   ``validate_batch_within_s``; one Redis round trip per batch) and writes every record to exactly one of
   ``fl.updates.valid`` (its metadata; the tensor goes to the update store, fedguard/updatestore.py) or
   ``fl.updates.rejected`` (reason code and detail); for a valid one it also writes a small pointer to
-  ``fl.updates.valid.index``, keyed by model id. Security events (a device rate
-  limited, the ingress bound hit, a replay), at most one per device per interval, go to ``fl.events``. The valid
+  ``fl.updates.valid.index``, keyed by model id. Security events (a device rate limited, the ingress bound hit, a
+  replay), at most one per device per interval, go to ``fl.events``. The valid
   records and their index go through the stage's own producer, and the next batch is validated while the broker
   takes the one before (:class:`ValidationPipeline`); a raw record is acknowledged once its outputs are on the broker.
 * ``collect`` reads that index and keeps the open windows in a table keyed by model id (co-partitioned with the
@@ -288,11 +288,6 @@ async def store_tensors(store: UpdateStore, outcomes: list) -> list[str | None]:
             delay = min(2 * delay, longest)
 
 
-async def store_tensor(store: UpdateStore, update: ValidUpdate) -> str:
-    """:func:`store_tensors` of one update."""
-    return (await store_tensors(store, [update]))[0]
-
-
 @dataclass(frozen=True)
 class ValidationOutputs:
     """Where the validation stage writes: topics (anything with Faust's ``async send(key=, value=, force=)``, whose
@@ -324,13 +319,11 @@ Accepted = tuple[ValidUpdate, dict, str, Any]  # a valid update, its raw positio
 
 
 async def send_outcomes(out: ValidationOutputs, events: list, outcomes: list,
-                        refs: list[str | None] | None = None) -> list[Accepted]:
+                        refs: list[str | None]) -> list[Accepted]:
     """Send every record of a validated batch to exactly one of ``fl.updates.valid`` and ``fl.updates.rejected``, in
-    order, a valid one only once its tensor is in the update store (``refs``, from :func:`store_tensors`, which is
-    called here if they are not given); returns the valid ones with their raw position, the reference of their
-    tensor and their pending acknowledgement on the valid topic."""
-    if refs is None:
-        refs = await store_tensors(out.store, outcomes)
+    order, once the batch's tensors are in the update store (``refs``, from :func:`store_tensors`); returns the valid
+    ones with their raw position, the reference of their tensor and their pending acknowledgement on the valid
+    topic."""
     accepted = []
     for event, outcome, ref in zip(events, outcomes, refs):
         if isinstance(outcome, RejectError):
@@ -358,9 +351,11 @@ async def index_accepted(out: ValidationOutputs, accepted: list[Accepted]) -> No
 
 
 async def route_validated(out: ValidationOutputs, events: list, outcomes: list) -> None:
-    """Send every record of a validated batch to exactly one of ``fl.updates.valid`` and ``fl.updates.rejected``,
-    in order; then index the valid ones, each only once the broker has acknowledged it on the valid topic."""
-    await index_accepted(out, await send_outcomes(out, events, outcomes))
+    """Write the batch's tensors to the update store, send every record to exactly one of ``fl.updates.valid`` and
+    ``fl.updates.rejected``, in order; then index the valid ones, each only once the broker has acknowledged it on
+    the valid topic."""
+    refs = await store_tensors(out.store, outcomes)
+    await index_accepted(out, await send_outcomes(out, events, outcomes, refs))
 
 
 # -- the validation stage's producer and pipeline ----------------------------------------------------------------------
@@ -399,9 +394,9 @@ class ValidationPipeline:
     """The validation agent's steps on its batches of raw events: :meth:`submit` validates a batch and starts writing
     its valid tensors to the update store (in a thread), then leaves sending its dead letters and valid records,
     indexing them and acknowledging the raw events to a task that runs while the next batch is validated. One batch
-    is finishing at most, and batches finish in order, so the index
-    keeps the order of the raw topic; a raw event is acknowledged (its offset may be committed) only once its
-    outputs are on the broker, so a crash re-delivers it instead of losing it (at least once, as before)."""
+    is finishing at most, and batches finish in order, so the index keeps the order of the raw topic; a raw event is
+    acknowledged (its offset may be committed) only once its outputs are on the broker, so a crash re-delivers it
+    instead of losing it (at least once, as before)."""
 
     def __init__(self, validator: Validator, out: ValidationOutputs, ack: Callable[[Any], Awaitable],
                  processed: Callable[[list], None]) -> None:

@@ -77,7 +77,7 @@ def test_security_event_record_carries_the_raw_position():
 def test_valid_record_is_json_metadata_naming_its_tensor_in_the_update_store(tmp_path):
     u = update()
     position, store = {"partition": 2, "offset": 17}, UpdateStore(tmp_path)
-    ref = asyncio.run(A.store_tensor(store, u))
+    ref, = asyncio.run(A.store_tensors(store, [u]))
     meta = A.valid_meta(u, position, ref)
     h = u.header
     assert meta == {"update_id": h.update_id, "device_id": h.device_id, "model_id": "m", "base_version": 3,
