@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -49,7 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _machine import cpu_model  # noqa: E402
+from _machine import simulation_machine  # noqa: E402
 
 TASK = "fashion-mnist"
 ATTACKS = ("constrain_and_scale", "slow_drift", "sybil")
@@ -540,9 +539,6 @@ def main(argv: list[str] | None = None) -> int:
             args.attack_start = 2
     if args.out is None and not args.quick:
         args.out = Path("bench/results/audit.md")
-    import numpy as np
-    import torch
-
     from _simruns import calibrate, run_many
     from fedguard.simulation import SimulationConfig
 
@@ -580,9 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_min": (time.perf_counter() - started) / 60, "workers": args.workers,
-        "machine": {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__, "torch": torch.__version__, "load_start": load_start,
-                    "load_end": tuple(round(x, 2) for x in os.getloadavg())},
+        "machine": simulation_machine(load_start),
         "calibration": {"setup_s": setup, "round_s": per_round}, "planned_rounds": total, "estimated_min": estimate,
         "task": TASK, "rule": first.rule, "rule_params": first.rule_params, "detection": first.detection,
         "audit_time_budget_s": first.audit_time_budget_s, "audit_reference_versions": first.audit_reference_versions,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -28,12 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _machine import cpu_model  # noqa: E402
+from _machine import simulation_machine  # noqa: E402
 from _simruns import calibrate, run_many  # noqa: E402
 
 from fedguard.simulation import SimulationConfig  # noqa: E402
@@ -225,14 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         runs.append({"row": row, "attack": name, "rounds": [
             {k: r[k] for k in ("round", "main_accuracy", "backdoor_accuracy", "malicious", "flagged_malicious",
                                "rejected_malicious", "flagged_honest", "skipped")} for r in res["rounds"]]})
-    import torch
 
     report: dict[str, Any] = {
         "command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_min": (time.perf_counter() - started) / 60, "workers": args.workers,
-        "machine": {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__, "torch": torch.__version__, "load_start": load_start,
-                    "load_end": tuple(round(x, 2) for x in os.getloadavg())},
+        "machine": simulation_machine(load_start),
         "calibration": {"setup_s": setup, "round_s": per_round}, "planned_rounds": total, "estimated_min": estimate,
         "rounds": args.rounds, "seed": args.seed, "fraction": args.fraction, "attacks": names, "table": table,
     }

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -44,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _machine import cpu_model  # noqa: E402
+from _machine import simulation_machine  # noqa: E402
 from _simruns import calibrate, run_many  # noqa: E402
 
 from fedguard.simulation import VOTES, SimulationConfig, detection_rates  # noqa: E402
@@ -390,14 +389,10 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = summarise(tagged)
     drift = slow_drift_story([res for kind, res in tagged if kind == "slow_drift"])
-    import torch
-
     report: dict[str, Any] = {
         "command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_min": (time.perf_counter() - started) / 60, "workers": args.workers,
-        "machine": {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__, "torch": torch.__version__, "load_start": load_start,
-                    "load_end": tuple(round(x, 2) for x in os.getloadavg())},
+        "machine": simulation_machine(load_start),
         "calibration": {"setup_s": setup, "round_s": per_round}, "planned_rounds": total_rounds,
         "estimated_min": estimate, "rule": todo[0][1].rule, "rule_params": todo[0][1].rule_params,
         "attacks": list(dict.fromkeys(label for label, _ in todo if label != "clean")),

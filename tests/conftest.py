@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import itertools
 import logging
 import os
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +85,24 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.5, what: str =
 
 def json_values(messages) -> list[dict]:
     return [records.loads(m.value) for m in messages]
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@contextlib.contextmanager
+def bench_script(name: str):
+    """``bench/<name>.py`` imported as a module, with bench/ on ``sys.path`` as when the script runs (it imports
+    bench/_machine.py); both undone afterwards. For tests of a benchmark's pure parts."""
+    sys.path.insert(0, str(BENCH))
+    module_name = f"bench_{name}"
+    try:
+        spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(module_name, None)
+        sys.path.remove(str(BENCH))
+

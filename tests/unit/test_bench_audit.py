@@ -4,27 +4,15 @@ the simulation for minutes; it is never a test)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def audit():
-    sys.path.insert(0, str(BENCH))  # as when the script runs: it imports bench/_machine.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_audit", BENCH / "audit.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+    with bench_script("audit") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_audit", None)
-        sys.path.remove(str(BENCH))
 
 
 def rnd(r: int, *, audit: str | None = "clean", served: bool = True, backdoor: float | None = 0.01,

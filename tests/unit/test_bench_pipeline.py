@@ -3,28 +3,16 @@ verdicts and the window -> version step timer (the benchmark itself runs the rea
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.conftest import BENCH, bench_script
 
 
 @pytest.fixture(scope="module")
 def pipeline():
-    sys.path.insert(0, str(BENCH))  # as when the script runs: it imports bench/_machine.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_pipeline", BENCH / "pipeline.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up
-        spec.loader.exec_module(module)
+    with bench_script("pipeline") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_pipeline", None)
-        sys.path.remove(str(BENCH))
 
 
 METRICS = """\
