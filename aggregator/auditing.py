@@ -54,13 +54,14 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.audit import AuditConfig, attribute, audit_model, select_audit_set
+from aggregator.audit import (AuditConfig, ReversedTrigger, ScreenResult, attribute, audit_model, screen_members,
+                              select_audit_set)
 from fedguard.tasks import (DEFAULT_TRAINING, ModelSpec, TaskData, build_model, get_flat_params, local_train,
                             set_flat_params)
 from fedguard.tasks.backdoor import IMAGE_SIDES
 
-__all__ = ["AUDIT_SET_SIZE", "CLEAN", "FLAGGED", "SKIPPED", "AuditOutcome", "Auditor", "carried_over",
-           "reference_norms", "served_audits", "skip_reason"]
+__all__ = ["AUDIT_SET_SIZE", "CLEAN", "FLAGGED", "LOOKBACK_WINDOWS", "REMEMBERED_TRIGGERS", "SKIPPED", "AuditOutcome",
+           "Auditor", "PastWindow", "carried_over", "reference_norms", "served_audits", "skip_reason"]
 
 CLEAN, FLAGGED, SKIPPED = "clean", "flagged", "skipped"
 VERDICTS = (CLEAN, FLAGGED, SKIPPED)
@@ -74,6 +75,12 @@ WARMUP_WHY = ("warm-up: the first FEDGUARD_AUDIT_WARMUP_VERSIONS audited version
 ABS_LIFT = 0.5
 #: the attribution's key of the server's clean update (the baseline every member is compared with)
 SERVER = "server:clean-update"
+#: the reversed triggers of the last flagged versions that every later window is screened against
+#: (:meth:`Auditor.screen`); a campaign keeps one trigger, so a few cover a change of target or pattern
+REMEMBERED_TRIGGERS = 4
+#: served windows before a flagged one that are screened with its trigger (:meth:`Auditor.look_back`): the audit
+#: flags a growing backdoor one or two windows after it entered the served lineage (docs/audit.md)
+LOOKBACK_WINDOWS = 3
 #: how far back :func:`served_audits` walks the lineage for clean audits (a long run of flagged or carried-over
 #: versions has none to give)
 MAX_LINEAGE_STEPS = 200
@@ -97,6 +104,7 @@ class AuditOutcome:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
 
     reference: bool = False  # its norms may serve as the differential reference (clean, or a warm-up audit)
+    trigger: ReversedTrigger | None = None  # the flagged class's reversed trigger (flagged only; not in to_meta)
 
     @property
     def flagged_class(self) -> int | None:
@@ -170,6 +178,15 @@ def reference_norms(audits: list[dict[str, Any]], num_classes: int) -> np.ndarra
     return np.median(np.stack(rows), axis=0) if rows else None
 
 
+@dataclass(frozen=True)
+class PastWindow:
+    """A served window the look-back screens: the version it made, its base's parameters, its members' deltas."""
+
+    version: int
+    parent: np.ndarray
+    members: Mapping[Any, np.ndarray]
+
+
 class Auditor:
     """The audit of one deployment: method, audit set, config. ``skipped`` says why it never runs (None: it runs)."""
 
@@ -180,6 +197,7 @@ class Auditor:
         self.config = config or AuditConfig(time_budget_s=float(time_budget_s), seed=int(seed))
         self.model = build_model(spec)
         self.seed = int(seed)
+        self.triggers: list[tuple[int, ReversedTrigger]] = []  # (flagged version, its reversed trigger), by version
         self.x_audit = np.empty((0, task.input_dim), dtype=np.float32)
         self.y_audit = np.empty((0,), dtype=np.int64)
         if self.skipped is None:
@@ -211,7 +229,7 @@ class Auditor:
             attribution = attribute(parent, scored, self.model, result.trigger, self.x_audit)
         except ValueError as exc:  # e.g. the parent already sends every audit input to the target
             return AuditOutcome(FLAGGED, scores=scores, seconds=time.perf_counter() - started,
-                                attribution={"why": str(exc)})
+                                attribution={"why": str(exc)}, trigger=result.trigger)
         lift = attribution.scores[SERVER]
         if lift > 0:
             why = (f"class {result.flagged}'s reversed trigger is also strengthened by the server's clean update "
@@ -219,7 +237,42 @@ class Auditor:
             return AuditOutcome(CLEAN, why=why, scores=scores, reference=True, attribution=attribution.to_dict(),
                                 seconds=time.perf_counter() - started)
         return AuditOutcome(FLAGGED, scores=scores, seconds=time.perf_counter() - started,
-                            attributed=beyond_clean_update(attribution), attribution=attribution.to_dict())
+                            attributed=beyond_clean_update(attribution), attribution=attribution.to_dict(),
+                            trigger=result.trigger)
+
+    # -- remembered triggers ----------------------------------------------------------------------------------
+    def remember(self, version: int, trigger: ReversedTrigger) -> None:
+        """Keep the reversed trigger of flagged ``version`` (the last :data:`REMEMBERED_TRIGGERS`, by version)."""
+        kept = {v: t for v, t in self.triggers if v != version}
+        kept[int(version)] = trigger
+        self.triggers = sorted(kept.items())[-REMEMBERED_TRIGGERS:]
+
+    def screen(self, parent: np.ndarray, members: Mapping[Any, np.ndarray]) -> ScreenResult | None:
+        """Screen a window's members (``{id: delta}`` from ``parent``) against the remembered triggers before the
+        rule aggregates them (:func:`aggregator.audit.screen_members`, the server's clean update as baseline).
+        None when the audit does not run, nothing is remembered or the window is empty."""
+        if self.skipped is not None or not self.triggers or not members:
+            return None
+        return screen_members(parent, members, self.server_update(parent), self.model,
+                              [t for _, t in self.triggers], self.x_audit)
+
+    def look_back(self, trigger: ReversedTrigger, windows: list[PastWindow]
+                  ) -> tuple[PastWindow | None, dict[Any, list[int]]]:
+        """Screen the served windows before a flagged one (newest first, at most :data:`LOOKBACK_WINDOWS`) with
+        its trigger. Returns the oldest window that held a screened member (the lineage is served again from its
+        base: every version after it carries part of the backdoor), or None, and each screened member with the
+        versions of the windows it was screened in."""
+        oldest, culprits = None, {}
+        for window in windows[:LOOKBACK_WINDOWS]:
+            if not window.members:
+                continue
+            found = screen_members(window.parent, window.members, self.server_update(window.parent), self.model,
+                                   [trigger], self.x_audit)
+            for m in found.screened:
+                culprits.setdefault(m, []).append(window.version)
+            if found.screened:
+                oldest = window
+        return oldest, culprits
 
     def server_update(self, parent: np.ndarray) -> np.ndarray:
         """The server's clean update: the task's tuned local training from ``parent`` on the audit set."""

@@ -48,7 +48,9 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from aggregator.auditing import FLAGGED, VERDICTS, AuditOutcome, Auditor, carried_over, reference_norms, served_audits
+from aggregator.audit import ReversedTrigger, ScreenResult
+from aggregator.auditing import (FLAGGED, LOOKBACK_WINDOWS, REMEMBERED_TRIGGERS, VERDICTS, AuditOutcome, Auditor,
+                                 PastWindow, carried_over, reference_norms, served_audits)
 from aggregator.combine import ConfiguredRule, WindowInputs, noise_generator, server_update
 from aggregator.evaluation import Evaluator, declare_backdoors, observe_backdoors, parse_backdoors
 from aggregator.evaluation import export as export_metrics
@@ -96,6 +98,11 @@ AUDIT_VERDICTS = Counter("fedguard_audit_verdicts_total", "Candidate versions by
                          "parameters carried over, audit off or not applicable to the task)", ["verdict"])
 AUDIT_ATTRIBUTED = Counter("fedguard_audit_attributed_total", "Window members a flagged version was attributed to "
                            "(each one quarantined)")
+AUDIT_SCREENED = Counter("fedguard_audit_screened_total", "Window members the audit found pushing the reversed "
+                         "trigger of a flagged version: screened (left out of a window before aggregation) or "
+                         "look_back (in a served window before the flagged one); each is quarantined", ["how"])
+for _how in ("screened", "look_back"):
+    AUDIT_SCREENED.labels(_how)  # exported as 0 from the start: a panel shows 0, not "no data"
 AUDIT_ANOMALY = Histogram("fedguard_audit_anomaly_index", "Largest Neural Cleanse anomaly index of every audited "
                           "candidate (a class above 2 whose trigger norm is at most 0.7 of the median is flagged)",
                           buckets=(0.5, 1, 1.5, 2, 2.5, 3, 4, 6, 10))
@@ -213,6 +220,8 @@ class AggregatorService:
         self.evaluator = Evaluator(self.task, build_model(self.spec), parse_backdoors(settings.backdoor_eval, self.task))
         self.auditor = Auditor(self.task, self.spec, settings.audit, settings.audit_time_budget_s,
                                seed=settings.seed)
+        for version, target, mask, pattern in self.store.triggers(REMEMBERED_TRIGGERS):  # survive a restart
+            self.auditor.remember(version, ReversedTrigger(target, mask, pattern))
         declare_backdoors(self.evaluator.triggers)
         big = settings.max_payload_bytes + 1024 * 1024
         common = dict(bootstrap_servers=settings.kafka_bootstrap, client_id="fedguard-aggregator")
@@ -284,6 +293,14 @@ class AggregatorService:
             deltas = self.fetch_updates(accepted)
         except WindowFetchError as exc:
             return self._fail_window(window, current, accepted, str(exc))
+        screen = self._screen(current, accepted, deltas)
+        if screen is not None and screen.screened:
+            # They pushed the trigger of an earlier flagged version: left out of the aggregate, quarantined.
+            self._quarantine_by_audit({d: f"model audit: screened out of window {window['window_id']}: "
+                                          f"{'; '.join(screen.reasons[d])}" for d in screen.screened},
+                                      window, current.version + 1, "screened")
+            kept = [i for i, m in enumerate(accepted) if m["device_id"] not in set(screen.screened)]
+            accepted, deltas = [accepted[i] for i in kept], deltas[kept]
         params, result_info = current.params, {"selected": []}
         # A window the rule cannot aggregate still makes a version (one per window, or the pipeline stalls: the
         # processors close one window per base version), carrying the parameters over; its record says so.
@@ -304,6 +321,8 @@ class AggregatorService:
         # What was applied to each admitted member (the window stage's weight; FedAvg multiplies it by the capped
         # sample count, the other rules use it to admit, not to weight).
         result_info["member_weights"] = {m["device_id"]: float(m.get("weight", 1.0)) for m in accepted}
+        # Where the aggregated tensors are, for the audit's look-back when a later version is flagged.
+        result_info["member_tensors"] = {m["device_id"]: m["tensor"] for m in accepted}
         if "skipped" in result_info:
             WINDOWS.labels("rule_skipped").inc()
             log.warning("window %s: %s", window["window_id"], result_info["skipped"])
@@ -311,15 +330,24 @@ class AggregatorService:
         else:
             audit = self._audit(params, current, accepted, deltas)
         audit_meta = audit.to_meta()
+        if screen is not None:
+            audit_meta["screened"] = screen.to_dict()
         if audit.verdict == FLAGGED:
-            # Not served: the version carries the last served parameters; the candidate is kept as evidence only by
-            # its fingerprint and metrics.
+            # Not served: the version carries the last served parameters (or, when the look-back finds the backdoor
+            # in earlier windows, those of the oldest one's base); the candidate is kept as evidence only by its
+            # fingerprint and metrics.
             audit_meta["candidate"] = {"sha256": params_sha256(params), "metrics": self._evaluate(params)}
-            result_info["params_from"] = current.version
+            served = current
+            if audit.trigger is not None:
+                self.store.save_trigger(current.version + 1, audit.trigger.target, audit.trigger.mask,
+                                        audit.trigger.pattern)
+                self.auditor.remember(current.version + 1, audit.trigger)
+                served, audit_meta["look_back"] = self._look_back(audit, window, current)
+            result_info["params_from"] = served.version
             result_info["withheld"] = (f"the audit flagged class {audit.flagged_class} of the candidate: parameters "
-                                       f"of version {current.version} carried into version {current.version + 1}")
-            params = current.params
-            self._respond_to_flag(audit, window, current.version + 1)
+                                       f"of version {served.version} carried into version {current.version + 1}")
+            params = served.params
+            self._respond_to_flag(audit, window, current.version + 1, served.version)
         metrics = self._evaluate(params)
         meta = self._meta(parent=current.version, window=window, metrics=metrics,
                           accepted=len(accepted), members=len(window["members"]), info=result_info)
@@ -365,33 +393,108 @@ class AggregatorService:
             log.exception("audit of the candidate of version %d failed", current.version + 1)
             return AuditOutcome("skipped", why=f"audit error: {type(exc).__name__}: {exc}")
 
-    def _respond_to_flag(self, audit: AuditOutcome, window: dict[str, Any], version: int) -> None:
-        """Quarantine the devices a flagged version is attributed to and publish the events on ``fl.events``."""
+    def _screen(self, current: ModelVersion, accepted: list[dict[str, Any]], deltas: np.ndarray
+                ) -> ScreenResult | None:
+        """The admitted members screened against the remembered triggers (:meth:`Auditor.screen`)."""
+        if not accepted:
+            return None
+        try:
+            result = self.auditor.screen(current.params, {m["device_id"]: deltas[i] for i, m in enumerate(accepted)})
+        except Exception:  # noqa: BLE001 - like the audit: a bug here must not stop the pipeline; logged
+            log.exception("screening the window for version %d failed; its members are not screened",
+                          current.version + 1)
+            return None
+        if result is not None:
+            AUDIT_SCREENED.labels("screened").inc(len(result.screened))
+        return result
+
+    def _past_windows(self, current: ModelVersion) -> list[PastWindow]:
+        """The last served windows of the lineage up to ``current`` (newest first, at most LOOKBACK_WINDOWS): the
+        versions a window made, skipping versions whose parameters came from elsewhere, while their base's
+        weights and their members' tensors are still stored."""
+        out: list[PastWindow] = []
+        version: int | None = current.version
+        seen: set[int] = set()
+        while len(out) < LOOKBACK_WINDOWS and version is not None and version not in seen and len(seen) < 50:
+            seen.add(version)
+            meta = self.store.meta(version)
+            info = meta.get("rule_info") or {}
+            if info.get("params_from") is not None:
+                version = int(info["params_from"])
+                continue
+            tensors, parent = info.get("member_tensors"), meta.get("parent")
+            if parent is None or not tensors:
+                break
+            try:
+                base = self.store.load(int(parent)).params
+                members = {d: self.updates.get(ref, self.spec.num_params) for d, ref in tensors.items()}
+            except (UpdateMissing, WeightsPruned, FileNotFoundError, ValueError, OSError) as exc:
+                log.info("audit look-back stops at version %d: %s", version, exc)
+                break
+            out.append(PastWindow(version, base, members))
+            version = int(parent)
+        return out
+
+    def _look_back(self, audit: AuditOutcome, window: dict[str, Any], current: ModelVersion
+                   ) -> tuple[ModelVersion, dict[str, Any]]:
+        """Screen the served windows before the flagged one with its trigger (:meth:`Auditor.look_back`);
+        quarantine whom it finds. Returns the version whose parameters to serve (the base of the oldest window
+        holding a screened member, else ``current``) and what it did, for the version's metadata."""
+        version = current.version + 1
+        try:
+            windows = self._past_windows(current)
+            oldest, culprits = self.auditor.look_back(audit.trigger, windows)
+            served = current if oldest is None else self.store.load(oldest.version - 1)
+        except Exception as exc:  # noqa: BLE001 - the flag itself still holds: serve the parent, say why
+            log.exception("audit look-back for version %d failed", version)
+            return current, {"error": f"{type(exc).__name__}: {exc}"}
+        # (a device the flag also attributes is quarantined and counted once, as attributed)
+        found = {d: vs for d, vs in culprits.items() if d not in set(audit.attributed)}
+        AUDIT_SCREENED.labels("look_back").inc(len(found))
+        self._quarantine_by_audit({d: f"model audit: version {version} (window {window['window_id']}) backdoored "
+                                      f"class {audit.flagged_class}; the look-back found this device's update in "
+                                      f"the window of version {', '.join(map(str, vs))} pushing its trigger"
+                                   for d, vs in found.items()}, window, version, "look_back")
+        return served, {"windows": [w.version for w in windows],
+                        "screened": {str(d): vs for d, vs in culprits.items()}, "served_from": served.version}
+
+    def _quarantine_by_audit(self, reasons: dict[Any, str], window: dict[str, Any], version: int, how: str) -> None:
+        """Quarantine each device (by ``audit``, released only by an operator) and publish the events."""
         events = []
-        for device in audit.attributed:
-            reason = (f"model audit: version {version} (window {window['window_id']}) backdoored class "
-                      f"{audit.flagged_class}; this device's update alone pushed it")
+        for device, reason in reasons.items():
             try:
                 event = registry.quarantine_device(self.redis, self.settings, str(device), reason, by="audit")
             except (KeyError, ValueError) as exc:  # not enrolled any more, or revoked: nothing to quarantine
                 log.warning("audit: device %s not quarantined: %s", device, exc)
                 continue
-            events.append({**event, "version": version, "window_id": window["window_id"]})
-        scores = audit.scores or {}
-        events.append({"type": "audit_flagged", "device_id": None, "model_id": self.settings.model_id,
-                       "version": version, "window_id": window["window_id"], "flagged_class": audit.flagged_class,
-                       "reasons": scores.get("reasons", []), "max_anomaly_index": scores.get("max_anomaly_index"),
-                       "attributed": [str(d) for d in audit.attributed], "params_from": version - 1,
-                       "at": time.time(), "detail": f"version {version} not served: the audit flagged class "
-                       f"{audit.flagged_class} ({', '.join(scores.get('reasons', []))}); attributed to "
-                       f"{', '.join(map(str, audit.attributed)) or 'nobody'}"})
+            events.append({**event, "version": version, "window_id": window["window_id"], "how": how})
+        self._send_events(events)
+        if reasons:
+            log.warning("audit (%s) for version %d: quarantined %s", how, version, ", ".join(map(str, reasons)))
+
+    def _send_events(self, events: list[dict[str, Any]]) -> None:
         for event in events:
             key = (event["device_id"] or self.settings.model_id).encode()
             self.producer.send(self.settings.topics.events, key=key, value=records.dumps(event))
-        self.producer.flush(timeout=30)
-        log.warning("audit flagged the candidate of version %d (class %s, %s): not served; quarantined %s", version,
-                    audit.flagged_class, ", ".join(scores.get("reasons", [])),
-                    ", ".join(map(str, audit.attributed)) or "nobody")
+        if events:
+            self.producer.flush(timeout=30)
+
+    def _respond_to_flag(self, audit: AuditOutcome, window: dict[str, Any], version: int, served_from: int) -> None:
+        """Quarantine the devices a flagged version is attributed to and publish the events on ``fl.events``."""
+        self._quarantine_by_audit({d: f"model audit: version {version} (window {window['window_id']}) backdoored "
+                                      f"class {audit.flagged_class}; this device's update alone pushed it"
+                                   for d in audit.attributed}, window, version, "attributed")
+        scores = audit.scores or {}
+        self._send_events([{
+            "type": "audit_flagged", "device_id": None, "model_id": self.settings.model_id,
+            "version": version, "window_id": window["window_id"], "flagged_class": audit.flagged_class,
+            "reasons": scores.get("reasons", []), "max_anomaly_index": scores.get("max_anomaly_index"),
+            "attributed": [str(d) for d in audit.attributed], "params_from": served_from,
+            "at": time.time(), "detail": f"version {version} not served: the audit flagged class "
+            f"{audit.flagged_class} ({', '.join(scores.get('reasons', []))}); attributed to "
+            f"{', '.join(map(str, audit.attributed)) or 'nobody'}; parameters of version {served_from}"}])
+        log.warning("audit flagged the candidate of version %d (class %s, %s): not served (parameters of version "
+                    "%d)", version, audit.flagged_class, ", ".join(scores.get("reasons", [])), served_from)
 
     # -- operator rollback --------------------------------------------------------------------------------------
     def apply_pending_rollback(self) -> ModelVersion | None:
@@ -549,7 +652,9 @@ class AggregatorService:
         pruned = self.store.prune(self.settings.model_store_keep_last, self.settings.model_store_keep_every)
         if pruned:
             log.debug("model store retention: weights of versions %s deleted (metadata kept)", pruned)
-        gone = self.updates.prune(self.settings.model_id, keep_from(version.version, self.settings.max_staleness))
+        # (LOOKBACK_WINDOWS more: the audit's look-back reads the tensors of the last served windows)
+        gone = self.updates.prune(self.settings.model_id,
+                                  keep_from(version.version, self.settings.max_staleness + LOOKBACK_WINDOWS))
         if gone:
             log.debug("update store retention: tensors of base versions %s deleted", gone)
 

@@ -9,6 +9,10 @@ training and an operator's rollback can need: the last ``keep_last`` versions (d
 update's base is at most ``max_staleness`` back, the aggregator reads the current version's parent), every
 ``keep_every``-th version as a checkpoint, version 0, and versions pinned in their metadata (``"pinned": true``,
 e.g. the audit's last clean versions). Without it the demo's model store grows ~1.1 GB per hour.
+
+Reversed triggers (:meth:`ModelStore.save_trigger`): the model audit keeps the trigger it reverse-engineered from each
+flagged version (``t<N>.safetensors``: mask, pattern and target class; 2 x D float32), so that the screening
+of later windows against it survives a restart. They are small (6 kB at D = 784) and never pruned.
 """
 
 from __future__ import annotations
@@ -79,6 +83,28 @@ class ModelStore:
 
     def versions(self) -> list[int]:
         return sorted(int(p.stem[1:]) for p in self.root.glob("v*.json"))
+
+    def save_trigger(self, version: int, target: int, mask: np.ndarray, pattern: np.ndarray) -> None:
+        """Keep the audit's reversed trigger of flagged ``version`` (written before the version's metadata: a
+        trigger without committed metadata is ignored by :meth:`triggers`)."""
+        data = st_save({"mask": np.ascontiguousarray(mask, dtype=np.float32),
+                        "pattern": np.ascontiguousarray(pattern, dtype=np.float32),
+                        "target": np.asarray([int(target)], dtype=np.int64)})
+        _atomic_write(self._trigger_path(version), data)
+
+    def _trigger_path(self, version: int) -> Path:
+        return self.root / f"t{version:06d}.safetensors"  # not v*: the weights' globs must not see it
+
+    def triggers(self, last: int) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        """The ``last`` stored triggers of committed versions, oldest first: ``(version, target, mask, pattern)``."""
+        committed = set(self.versions())
+        found = sorted(v for v in (int(p.stem[1:]) for p in self.root.glob("t*.safetensors"))
+                       if v in committed)
+        out = []
+        for v in found[-last:] if last > 0 else []:
+            arrays = st_load(self._trigger_path(v).read_bytes())
+            out.append((v, int(arrays["target"][0]), arrays["mask"], arrays["pattern"]))
+        return out
 
     def save(self, version: int, params: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
         weights = st_save({_TENSOR: np.ascontiguousarray(params, dtype=np.float32)})

@@ -14,7 +14,7 @@ services call (the composition layer: it may import the producers, the processor
 | sketch | validator | :func:`fedguard.sketch.sketch_rows` with a secret-like seed (below) |
 | detection, reputation | ``processors.defence.WindowDefence.judge`` | :func:`processors.ensemble.score_window` (histories before the window, trust = E before it, the previous global sketch), :func:`processors.reputation.observe` on each member's ``evidence``, :func:`processors.detectors.updated` for every member, :func:`processors.defence.global_update_sketch` |
 | aggregation | ``aggregator.service.AggregatorService.handle_window`` | admitted members (:func:`fedguard.weighting.admitted`), :class:`aggregator.combine.ConfiguredRule` with FedAvg weights :func:`fedguard.weighting.sample_weights`, the previous aggregate, :func:`aggregator.combine.server_update`, trust after the window, noise from ``noise_generator(seed, version)``; too few admitted members or a rule precondition: the parameters carry over |
-| model audit (``audit``) | ``AggregatorService.handle_window`` | :meth:`aggregator.auditing.Auditor.audit_candidate` on each candidate, reference :func:`aggregator.auditing.reference_norms` of the last served clean audits; flagged: the version keeps the served parameters and the attributed devices are quarantined (never released: live, only an operator releases them) |
+| model audit (``audit``) | ``AggregatorService.handle_window`` | :meth:`aggregator.auditing.Auditor.audit_candidate` on each candidate, reference :func:`aggregator.auditing.reference_norms` of the last served clean audits; flagged: the version keeps the served parameters, the attributed devices are quarantined (never released: live, only an operator releases them), the trigger is remembered and :meth:`~aggregator.auditing.Auditor.look_back` screens the last served windows with it (serving the base of the oldest one holding a screened member); before each rule: :meth:`~aggregator.auditing.Auditor.screen` against the remembered triggers |
 | evaluation | aggregator | :class:`aggregator.evaluation.Evaluator` (main accuracy, backdoor accuracy per ``backdoor_eval``) |
 
 Round ``r`` (1-based) trains on base version ``r - 1`` and makes version ``r``. The attack fires in rounds
@@ -53,7 +53,10 @@ the round), ``refused_*`` (updates refused before the window: a second update of
 members in arrival order), ``quarantined_now`` / ``released_now`` (devices quarantined by this window / released at
 the start of the round)), with the audit on: ``audit`` (verdict), ``audit_class``, ``audit_seconds``,
 ``attributed_malicious`` / ``attributed_honest``, ``candidate_backdoor_accuracy`` (of a flagged candidate that was not
-served); ``served`` (False: flagged), ``final_main_accuracy``,
+served), ``screened_malicious`` / ``screened_honest`` (members left out: they pushed a remembered trigger),
+``looked_back_malicious`` / ``looked_back_honest`` (devices a flag's look-back screened in earlier served windows),
+``rolled_back_to`` (the version whose parameters a flag's look-back served, or None); ``served`` (False: flagged),
+``final_main_accuracy``,
 ``max_backdoor_accuracy``, ``final_backdoor_accuracy``, ``detection`` (:func:`detection_rates` over the rounds from
 ``attack_start``) and ``seconds``.
 """
@@ -70,7 +73,8 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.auditing import FLAGGED, AuditOutcome, Auditor, carried_over, reference_norms
+from aggregator.auditing import (FLAGGED, LOOKBACK_WINDOWS, AuditOutcome, Auditor, PastWindow, carried_over,
+                                 reference_norms)
 from aggregator.combine import ConfiguredRule, WindowInputs, noise_generator, server_update
 from aggregator.evaluation import Evaluator, parse_backdoors
 from aggregator.rules import PreconditionError
@@ -239,9 +243,14 @@ class _Simulation:
                                      started_at=0.0)
         self.bad = set(self.compromised)
         self.auditor = Auditor(self.task, self.spec, c.audit, c.audit_time_budget_s, seed=c.seed)
-        self.served_audits: list[dict[str, Any]] = []  # the served versions' reference audits, oldest first
+        # (version, audit metadata) of the served versions' reference audits, oldest first
+        self.served_audits: list[tuple[int, dict[str, Any]]] = []
         self.audit_quarantined: set[int] = set()  # quarantined by the audit: released only by an operator
         self.admitted: list[_Member] = []  # the last window's admitted members
+        self.screened: set[int] = set()  # the last window's members screened against remembered triggers
+        self.past: list[PastWindow] = []  # the served windows the audit's look-back screens, newest first
+        self.rolled_back_to: int | None = None  # a flag's look-back served this version's parameters
+        self.looked_back: set[int] = set()  # the devices a flag's look-back screened in earlier windows
 
     # -- devices ---------------------------------------------------------------------------------------------
     def train(self, index: int, base: np.ndarray, version: int) -> tuple[np.ndarray, int]:
@@ -335,6 +344,8 @@ class _Simulation:
     # -- the aggregator --------------------------------------------------------------------------------------
     def aggregate(self, members: list[_Member], outcome: list[dict[str, Any]], version: int) -> tuple[int, str | None]:
         keep = [j for j, o in enumerate(outcome) if admitted(o["verdict"], o["weight"])]
+        self.screened = self.screen([members[j] for j in keep])
+        keep = [j for j in keep if members[j].device not in self.screened]
         self.admitted = [members[j] for j in keep]
         if len(keep) < self.rule.min_updates:
             return len(keep), f"{len(keep)} accepted updates, rule {self.rule.name} needs {self.rule.min_updates}"
@@ -355,26 +366,56 @@ class _Simulation:
         self.params = (base.astype(np.float64) + result.vector).astype(np.float32)
         return len(keep), None
 
+    def screen(self, members: list[_Member]) -> set[int]:
+        """``AggregatorService``'s screening of the admitted members against the remembered triggers: the screened
+        devices are left out of the aggregate and quarantined by the audit."""
+        if self.c.audit == "none":
+            return set()
+        result = self.auditor.screen(self.params, {m.device: m.delta for m in members})
+        screened = set(result.screened) if result is not None else set()
+        for device in screened:
+            self.quarantine_by_audit(device)
+        return screened
+
+    def quarantine_by_audit(self, device: int) -> None:
+        if device not in self.audit_quarantined:
+            self.audit_quarantined.add(device)
+            self.events["quarantined"].append(device)
+
     def audit(self, parent: np.ndarray, version: int, skipped: str | None) -> AuditOutcome | None:
-        """``AggregatorService``'s audit of the candidate (``self.params``): a flagged candidate is not served
-        (``self.params`` back to ``parent``, the served version) and the attributed devices are quarantined."""
+        """``AggregatorService``'s audit of the candidate (``self.params``, version ``version + 1``): a flagged
+        candidate is not served, the attributed devices are quarantined, its trigger is remembered, and the served
+        windows before it are screened with that trigger (``Auditor.look_back``): the parameters served are those
+        of the base of the oldest window that held a screened member, else ``parent``'s."""
         if self.c.audit == "none":
             return None
         if skipped is not None:
             return carried_over(version)
-        reference = reference_norms(self.served_audits[::-1][:self.c.audit_reference_versions],
+        reference = reference_norms([a for _, a in self.served_audits[::-1][:self.c.audit_reference_versions]],
                                     self.task.num_classes)
         warmup = len(self.served_audits) < self.c.audit_warmup_versions
-        outcome = self.auditor.audit_candidate(self.params, parent, {m.device: m.delta for m in self.admitted},
-                                               reference, warmup=warmup)
+        members = {m.device: m.delta for m in self.admitted}
+        outcome = self.auditor.audit_candidate(self.params, parent, members, reference, warmup=warmup)
         if outcome.reference:
-            self.served_audits.append(outcome.to_meta())
-        elif outcome.verdict == FLAGGED:
+            self.served_audits.append((version + 1, outcome.to_meta()))
+        if outcome.verdict != FLAGGED:  # served: the look-back may screen it later
+            self.past = [PastWindow(version + 1, parent, members), *self.past][:LOOKBACK_WINDOWS]
+        else:
             self.params = parent
             for device in outcome.attributed:
-                if device not in self.audit_quarantined:
-                    self.audit_quarantined.add(device)
-                    self.events["quarantined"].append(device)
+                self.quarantine_by_audit(device)
+            if outcome.trigger is not None:
+                self.auditor.remember(version + 1, outcome.trigger)
+                oldest, culprits = self.auditor.look_back(outcome.trigger, self.past)
+                self.looked_back = set(culprits) - set(outcome.attributed)  # (counted once a round)
+                for device in culprits:
+                    self.quarantine_by_audit(device)
+                if oldest is not None:
+                    self.params = oldest.parent
+                    self.rolled_back_to = oldest.version - 1
+                    self.served_audits = [(v, a) for v, a in self.served_audits if v < oldest.version]
+                    # the served lineage is the oldest window's base and what came before it (as live)
+                    self.past = [w for w in self.past if w.version < oldest.version]
         return outcome
 
     def evaluate(self, params: np.ndarray | None = None) -> dict[str, Any]:
@@ -382,8 +423,9 @@ class _Simulation:
 
     # -- one round -------------------------------------------------------------------------------------------
     def round(self, r: int) -> dict[str, Any]:
-        c, version, now = self.c, r - 1, r * self.c.round_duration_s
+        version, now = r - 1, r * self.c.round_duration_s
         self.events = {"quarantined": [], "released": []}
+        self.screened, self.looked_back, self.rolled_back_to = set(), set(), None
         # (live, the audit's quarantine takes a device out of the reputation's release set)
         for d in [d for d in self.reps if self.quarantined(d) and d not in self.audit_quarantined]:
             self.reps[d], events = maybe_release(self.reps[d], now, self.rep_params)
@@ -446,7 +488,11 @@ class _Simulation:
                 "attributed_malicious": sum(d in self.bad for d in audit.attributed),
                 "attributed_honest": sum(d not in self.bad for d in audit.attributed),
                 "candidate_backdoor_accuracy": self.evaluate(candidate)["backdoor_accuracy"] if flagged else None,
-                "served": not flagged}
+                "screened_malicious": sum(d in self.bad for d in self.screened),
+                "screened_honest": sum(d not in self.bad for d in self.screened),
+                "looked_back_malicious": sum(d in self.bad for d in self.looked_back),
+                "looked_back_honest": sum(d not in self.bad for d in self.looked_back),
+                "rolled_back_to": self.rolled_back_to, "served": not flagged}
 
 
 def simulate(config: SimulationConfig, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

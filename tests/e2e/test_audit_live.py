@@ -87,22 +87,31 @@ def test_a_persistent_backdoor_is_flagged_not_served_and_its_devices_quarantined
     assert max(m["metrics"]["backdoor_accuracy"] for m in served) < STRONG_BACKDOOR, summary
     assert all(m["audit"]["verdict"] == "skipped" for m in metas[1:WARM_UP]), summary  # warm-up
     for m in flagged:
-        # not served: the version carries the parameters of the last served one, its parent
-        assert m["rule_info"]["params_from"] == m["parent"], m["rule_info"]
-        np.testing.assert_array_equal(params[m["version"]], params[m["parent"]])
-        parent = metas[m["parent"]]
-        assert m["metrics"]["backdoor_accuracy"] == parent["metrics"]["backdoor_accuracy"]
+        # not served: the version carries the parameters of the last served one (its parent), or, when the audit's
+        # look-back found the backdoor in the served windows before, of the oldest such window's base
+        source = m["rule_info"]["params_from"]
+        assert source == m["audit"].get("look_back", {}).get("served_from", m["parent"]), m["rule_info"]
+        assert source <= m["parent"], m["audit"].get("look_back")
+        np.testing.assert_array_equal(params[m["version"]], params[source])
+        assert m["metrics"]["backdoor_accuracy"] == metas[source]["metrics"]["backdoor_accuracy"]
         assert m["audit"]["candidate"]["metrics"]["backdoor_accuracy"] > m["metrics"]["backdoor_accuracy"], summary
         assert m["audit"]["scores"]["flagged"] == 0, m["audit"]["scores"]  # the backdoor's target class
     attributed = {d for m in flagged for d in m["audit"]["attributed"]}
-    assert attributed <= set(ATTACKERS), summary  # only attackers attributed, no honest device
+    # after a flag: the look-back's finds in earlier windows and the members screened out of later windows
+    found = ({d for m in flagged for d in (m["audit"].get("look_back") or {}).get("screened", {})}
+             | {d for m in metas for d in ((m["audit"].get("screened") or {}).get("screened") or [])})
+    blamed = attributed | found
+    assert blamed <= set(ATTACKERS), summary  # only attackers blamed, no honest device
+    for m in metas:  # a screened member is left out of its window's aggregate
+        assert not set((m["audit"].get("screened") or {}).get("screened") or []) & set(
+            (m["rule_info"].get("member_weights") or {})), m["audit"].get("screened")
     by_audit = {d for d, s in final.items() if s == registry.QUARANTINED
                 and registry.get_device(client, settings, d)["status_reason"].startswith("audit:")}
-    assert by_audit == attributed
-    # fl.events: a quarantine by the audit per attributed device, one audit_flagged per flagged version
+    assert by_audit == blamed
+    # fl.events: a quarantine by the audit per blamed device, one audit_flagged per flagged version
     quarantines = {e["device_id"] for e in events if e["type"] == "quarantined" and e.get("by") == "audit"}
-    assert quarantines == attributed
+    assert quarantines == blamed
     assert sorted(e["version"] for e in events if e["type"] == "audit_flagged") == [m["version"] for m in flagged]
     print(f"flagged versions {[m['version'] for m in flagged]} (attack from version {WARM_UP}), attributed "
-          f"{sorted(attributed)}, quarantined attackers {sum(final[d] == registry.QUARANTINED for d in ATTACKERS)}"
+          f"{sorted(attributed)}, screened or found by the look-back {sorted(found)}, quarantined attackers {sum(final[d] == registry.QUARANTINED for d in ATTACKERS)}"
           f"/4 by version {metas[-1]['version']}, served backdoor accuracy max {max(v['metrics']['backdoor_accuracy'] for v in served):.3f}")

@@ -21,6 +21,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import REGISTRY
 
+from aggregator.auditing import LOOKBACK_WINDOWS
 from aggregator.service import AggregatorService
 from fedguard import records
 from fedguard.stack import create_topics
@@ -162,9 +163,10 @@ def test_unreadable_windows_fail_and_the_service_applies_the_next_one(settings, 
         assert consumer.committed(tp) == next_offset
     finally:
         consumer.close()
-    # Retention after version 6: the tensors of base versions below keep_from(6, 0) = 4 are deleted, the rest kept.
-    assert keep_from(6, 0) == 4
-    assert sorted(os.listdir(settings.update_store_dir / settings.model_id)) == ["4", "5"]
+    # Retention after version 6: the tensors of base versions below keep_from(6, 0 + LOOKBACK_WINDOWS) = 1 are
+    # deleted (the audit's look-back reads the last 3 served windows), the rest kept.
+    assert keep_from(6, 0 + LOOKBACK_WINDOWS) == 1
+    assert sorted(os.listdir(settings.update_store_dir / settings.model_id)) == ["1", "2", "3", "4", "5"]
     np.testing.assert_array_equal(store.get(members_f[0]["tensor"], d), good[0].astype(np.float32))
 
 

@@ -322,3 +322,146 @@ def test_attribution_margin_still_separates_when_the_parent_is_already_backdoore
     assert max(res.success_lift.values()) < 0.1
     assert set(res.flagged) == {"b0", "b1"}
     assert all(res.reasons[m] == ["robust_z"] for m in ("b0", "b1"))
+
+
+# -------------------------------------------------------------------------------------------------- screening
+#
+# Hand-checkable: a linear model (logits W x + b) and members that only move the bias of a class. Adding c to b_t
+# raises every input's target margin z_t - max_{j != t} z_j by exactly c, so each member's score is its c.
+
+LIN_D, LIN_K = 6, 4
+
+
+def linear_parent(bias: dict[int, float] | None = None) -> tuple[torch.nn.Module, np.ndarray]:
+    model = torch.nn.Linear(LIN_D, LIN_K)
+    weights = np.random.default_rng(0).normal(0, 0.1, LIN_K * LIN_D).astype(np.float32)
+    b = np.zeros(LIN_K, dtype=np.float32)
+    b[:2] = -20.0  # classes 0 and 1 never win on the parent: every audit input is measured
+    for k, v in (bias or {}).items():
+        b[k] = v
+    return model, np.concatenate([weights, b])  # model.parameters(): weight (K x D), then bias
+
+
+def bias_lift(cls: int, c: float) -> np.ndarray:
+    delta = np.zeros(LIN_K * LIN_D + LIN_K, dtype=np.float32)
+    delta[LIN_K * LIN_D + cls] = c
+    return delta
+
+
+def no_op_trigger(target: int) -> ReversedTrigger:
+    """x' = x: the margin lift is then the bias lift itself."""
+    return ReversedTrigger(target, np.zeros(LIN_D, np.float32), np.zeros(LIN_D, np.float32))
+
+
+LIN_X = np.random.default_rng(1).normal(size=(40, LIN_D)).astype(np.float32)
+HONEST_LIFTS = {"h0": 0.0, "h1": 0.1, "h2": -0.1, "h3": 0.2, "h4": -0.2, "h5": 0.0}
+
+
+def lin_screen(lifts: dict, baseline: float, triggers=(0,), parent_bias=None, cls: int = 0, **kw):
+    model, parent = linear_parent(parent_bias)
+    return audit_mod.screen_members(parent, {m: bias_lift(cls, c) for m, c in lifts.items()}, bias_lift(cls, baseline),
+                                    model, [no_op_trigger(t) for t in triggers], LIN_X, **kw)
+
+
+def test_screening_by_hand():
+    """Scores 10 (bad), 0.3 (baseline) and the honest six: median 0.05, MAD 0.15 (x 1.4826 < the 0.5 floor), so the
+    bad member's robust z is 9.95 / 0.5 = 19.9 and its lift over the clean update 9.7: both bounds are met."""
+    res = lin_screen({**HONEST_LIFTS, "bad": 10.0}, baseline=0.3)
+    assert res.screened == ["bad"] and list(res.reasons) == ["bad"]
+    (line,) = res.reasons["bad"]
+    assert line.startswith("trigger 0 (class 0)") and "+10.00" in line and "+0.30" in line
+    (t,) = res.per_trigger
+    assert t["target"] == 0 and t["baseline"] == pytest.approx(0.3, abs=1e-4)
+    assert t["scores"] == pytest.approx({**HONEST_LIFTS, "bad": 10.0}, abs=1e-4)
+    assert t["robust_z"]["bad"] == pytest.approx(19.9, abs=1e-3)
+    assert t["robust_z"]["h3"] == pytest.approx(0.3, abs=1e-3)
+    assert set(t["scores"]) == set(t["robust_z"]) == {*HONEST_LIFTS, "bad"}  # the baseline is not a member
+
+
+def test_screening_needs_both_bounds():
+    """Either bound alone blocks a screen: min_lift against the lift over the clean update (9.7), z_threshold
+    against the robust z (19.9); just below each, the member is screened."""
+    lifts = {**HONEST_LIFTS, "bad": 10.0}
+    assert lin_screen(lifts, 0.3, min_lift=9.6).screened == ["bad"]
+    assert lin_screen(lifts, 0.3, min_lift=9.8).screened == []
+    assert lin_screen(lifts, 0.3, min_lift=1e6).screened == []
+    assert lin_screen(lifts, 0.3, z_threshold=19.8).screened == ["bad"]
+    assert lin_screen(lifts, 0.3, z_threshold=20.0).screened == []
+    assert lin_screen(lifts, 0.3, z_threshold=1e6).screened == []
+    # a lift over the clean update that is large but not an outlier of the window: every member pushes it
+    crowd = {f"b{i}": 10.0 + 0.1 * i for i in range(6)}
+    assert lin_screen(crowd, 0.3).screened == []
+
+
+def test_screening_never_screens_the_baseline_and_a_member_level_with_it_is_kept():
+    """The clean update is the yardstick, not a member: as the window's outlier it is not screened, nor is a
+    member whose update lifts the trigger exactly as much (here the same update), however far out both are."""
+    res = lin_screen({**HONEST_LIFTS, "bad": 10.0}, baseline=50.0, min_lift=0.0, z_threshold=0.1)
+    assert res.screened == [] and res.reasons == {}
+    assert "baseline" not in json.dumps(res.to_dict()["triggers"][0]["scores"])
+    level = lin_screen({**HONEST_LIFTS, "copy": 10.0}, baseline=10.0, min_lift=1e-3)
+    assert level.per_trigger[0]["robust_z"]["copy"] == pytest.approx(19.9, abs=1e-3)  # an outlier of the window
+    assert level.per_trigger[0]["scores"]["copy"] == level.per_trigger[0]["baseline"]
+    assert level.screened == []
+    # a member may be called "baseline": it is scored as itself, not as the clean update
+    named = lin_screen({**HONEST_LIFTS, "baseline": 10.0}, baseline=0.3)
+    assert named.screened == ["baseline"] and named.per_trigger[0]["baseline"] == pytest.approx(0.3, abs=1e-4)
+
+
+def test_screen_result_is_json_safe_with_any_member_ids():
+    model, parent = linear_parent()
+    members = {i: bias_lift(0, c) for i, c in enumerate(HONEST_LIFTS.values())}
+    members[7] = bias_lift(0, 10.0)
+    res = audit_mod.screen_members(parent, members, bias_lift(0, 0.3), model,
+                                   [no_op_trigger(0), no_op_trigger(1)], LIN_X)
+    assert res.screened == [7] and len(res.reasons[7]) == 1  # trigger 1's margin is not moved by anyone
+    d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    assert d["screened"] == ["7"] and list(d["reasons"]) == ["7"]
+    assert [t["target"] for t in d["triggers"]] == [0, 1] and set(d["triggers"][1]["scores"]) == {str(i) for i in
+                                                                                                   range(6)} | {"7"}
+
+
+def test_a_trigger_the_parent_already_fulfils_is_skipped_and_the_others_still_screen():
+    """The parent's bias makes class 0 win on every audit input: trigger 0 cannot be measured (skipped, with
+    attribute's reason); trigger 1 is, and catches the member that lifts class 1."""
+    res = lin_screen({**HONEST_LIFTS, "bad": 10.0}, baseline=0.3, triggers=(0, 1), parent_bias={0: 100.0}, cls=1)
+    skipped, measured = res.per_trigger
+    assert skipped == {"target": 0, "skipped": skipped["skipped"]} and "nothing to measure" in skipped["skipped"]
+    assert measured["target"] == 1 and measured["scores"]["bad"] == pytest.approx(10.0, abs=1e-4)
+    assert res.screened == ["bad"] and res.reasons["bad"][0].startswith("trigger 1 (class 1)")
+    only = lin_screen({**HONEST_LIFTS, "bad": 10.0}, baseline=0.3, triggers=(0,), parent_bias={0: 100.0})
+    assert only.screened == [] and list(only.per_trigger[0]) == ["target", "skipped"]
+    json.dumps(only.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("kwargs", [{"z_threshold": 0.0}, {"z_threshold": -1.0}, {"z_threshold": float("nan")},
+                                    {"min_lift": -0.1}, {"min_lift": float("nan")}, {"mad_floor": -1.0}])
+def test_screening_rejects_bad_thresholds(kwargs):
+    with pytest.raises(ValueError):
+        lin_screen({**HONEST_LIFTS, "bad": 10.0}, baseline=0.3, **kwargs)
+
+
+def test_screening_catches_a_backdoor_member_against_the_reversed_trigger(world, window, audits):
+    """The attribution window with one backdoor member (dev2; dev5 left out), screened against the trigger Neural
+    Cleanse reverse-engineered from the backdoored model, with a clean update as the baseline: dev2 alone is
+    screened. On this toy its lift over the clean update is ~3 logits (honest members: below it), under the default
+    min_lift of 6 measured on Fashion-MNIST (docs: screen_members), which therefore keeps it; 2 separates here."""
+    task = world["task"]
+    parent, deltas, _ = window
+    members = {m: v for m, v in deltas.items() if m != "dev5"}
+    net = build_model(world["spec"], seed=1)
+    set_flat_params(net, parent)
+    local_train(net, task.x_train[5400:5700], task.y_train[5400:5700], seed=99, epochs=2, lr=0.05, batch_size=32,
+                momentum=0.9)
+    baseline = get_flat_params(net) - parent
+    trig = audits["backdoored"].trigger
+    res = audit_mod.screen_members(parent, members, baseline, world["clean"], [trig], world["x_audit"], min_lift=2.0)
+    assert res.screened == ["dev2"], res.per_trigger
+    t = res.per_trigger[0]
+    assert t["scores"]["dev2"] - t["baseline"] >= 2.0 and t["robust_z"]["dev2"] >= 4.0
+    assert max(t["scores"][m] for m in members if m != "dev2") - t["baseline"] < 1.0
+    assert audit_mod.screen_members(parent, members, baseline, world["clean"], [trig], world["x_audit"]).screened == []
+    # the same scores as attribute() gives (the baseline among the members)
+    ref = attribute(parent, {**members, "clean": baseline}, world["clean"], trig, world["x_audit"])
+    assert t["scores"] == pytest.approx({m: ref.scores[m] for m in members}, abs=1e-3)
+    assert t["baseline"] == pytest.approx(ref.scores["clean"], abs=1e-3)

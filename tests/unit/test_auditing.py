@@ -99,11 +99,16 @@ def test_the_simulation_runs_the_audit_and_its_response():
     flagged = [r for r in rounds if r["audit"] == "flagged"]
     assert flagged, [(r["round"], r["audit"], r["backdoor_accuracy"]) for r in rounds]
     for r in flagged:
-        before = rounds[r["round"] - 2]
-        # not served: the version keeps the parameters of the round before
+        # not served: the version keeps the parameters of the round before, or, when the look-back found the
+        # backdoor in earlier served windows, those of the oldest one's base
+        source = r["round"] - 1 if r["rolled_back_to"] is None else r["rolled_back_to"]
+        assert source < r["round"]
+        before = rounds[source - 1] if source >= 1 else {"main_accuracy": result["initial"]["main_accuracy"],
+                                                          "backdoor_accuracy": result["initial"]["backdoor_accuracy"]}
         assert (r["main_accuracy"], r["backdoor_accuracy"]) == (before["main_accuracy"], before["backdoor_accuracy"])
         assert r["candidate_backdoor_accuracy"] > r["backdoor_accuracy"] and not r["served"]
-        assert r["attributed_honest"] == 0
+        assert r["attributed_honest"] == 0 and r["looked_back_honest"] == 0
+    assert sum(r["screened_honest"] for r in rounds) == 0
     first = flagged[0]
     assert first["attributed_malicious"] >= 1 and first["audit_class"] == 0
     assert first["quarantined_malicious"] >= first["attributed_malicious"]
@@ -155,3 +160,107 @@ def test_the_absolute_test_needs_the_class_norm_well_below_the_median(world):  #
     assert unflagged.anomaly[0] > FAST.threshold and unflagged.flagged is None
     with pytest.raises(ValueError, match="abs_max_ratio"):
         replace(FAST, abs_max_ratio=0.0)
+
+
+# ------------------------------------------------------------------------- remembered triggers and the look-back
+
+from aggregator.audit import ReversedTrigger  # noqa: E402
+from aggregator.auditing import LOOKBACK_WINDOWS, REMEMBERED_TRIGGERS, PastWindow  # noqa: E402
+from fedguard.tasks import DEFAULT_TRAINING, apply_trigger, local_train, pixel_pattern, set_flat_params  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A trained digits model (the windows' base), 5 honest deltas from it on disjoint slices, one backdoor delta
+    (half its slice carries the BadNets square, labelled 0; scaled x5 as model replacement scales), and the true
+    trigger as the remembered one: what is under test is which windows and members are screened, not the reverse
+    engineering."""
+    task = load_task("digits")
+    spec = model_spec(task)
+    hp = {k: v for k, v in DEFAULT_TRAINING["digits"].items() if k != "hidden"}
+    model = build_model(spec, seed=0)
+    local_train(model, task.x_train, task.y_train, **{**hp, "epochs": 3}, seed=0)
+    parent = get_flat_params(model)
+    square = pixel_pattern(task, target=0)
+
+    def delta(rows: slice, seed: int, poison: bool = False) -> np.ndarray:
+        x, y = task.x_train[rows].copy(), task.y_train[rows].copy()
+        if poison:
+            x[: len(x) // 2] = apply_trigger(x[: len(x) // 2], square)
+            y[: len(y) // 2] = square.target
+        set_flat_params(model, parent)
+        local_train(model, x, y, **hp, seed=seed)
+        return get_flat_params(model) - parent
+
+    honest = {f"dev-{i}": delta(slice(120 * i, 120 * (i + 1)), seed=i) for i in range(5)}
+    backdoor = 5.0 * delta(slice(600, 720), seed=5, poison=True)
+    mask = np.zeros(task.input_dim, np.float32)
+    mask[square.indices] = 1.0
+    pattern = np.zeros(task.input_dim, np.float32)
+    pattern[square.indices] = square.value
+    return SimpleNamespace(task=task, spec=spec, parent=parent, honest=honest, backdoor=backdoor,
+                           trigger=ReversedTrigger(0, mask, pattern))
+
+
+def test_remember_keeps_the_last_triggers_by_version():
+    task = load_task("synthetic")  # remembering needs no audit set: any auditor keeps them
+
+    def trig(v: int) -> ReversedTrigger:
+        return ReversedTrigger(v % 3, np.full(4, v, np.float32), np.zeros(4, np.float32))
+
+    auditor = Auditor(task, model_spec(task))
+    assert auditor.triggers == [] and REMEMBERED_TRIGGERS == 4
+    for v in (5, 2, 9, 7, 3):
+        auditor.remember(v, trig(v))
+    assert [v for v, _ in auditor.triggers] == [3, 5, 7, 9]
+    assert all(t.mask[0] == v for v, t in auditor.triggers)
+    auditor.remember(1, trig(1))  # older than every kept one (e.g. reloaded after a restart): not kept
+    assert [v for v, _ in auditor.triggers] == [3, 5, 7, 9]
+    again = ReversedTrigger(2, np.ones(4, np.float32), np.ones(4, np.float32))
+    auditor.remember(7, again)  # the same version again: replaced, not kept twice
+    assert [v for v, _ in auditor.triggers] == [3, 5, 7, 9] and dict(auditor.triggers)[7] is again
+    auditor.remember(11, trig(11))
+    assert [v for v, _ in auditor.triggers] == [5, 7, 9, 11]
+
+
+def test_screen_needs_a_remembered_trigger_members_and_a_task_the_audit_runs_on(digits):
+    auditor = Auditor(digits.task, digits.spec)
+    window = {**digits.honest, "dev-bad": digits.backdoor}
+    assert auditor.screen(digits.parent, window) is None  # nothing remembered
+    auditor.remember(4, digits.trigger)
+    assert auditor.screen(digits.parent, {}) is None
+    result = auditor.screen(digits.parent, window)
+    assert result.screened == ["dev-bad"], result.per_trigger
+    assert result.per_trigger[0]["target"] == 0 and set(result.per_trigger[0]["scores"]) == set(window)
+    synthetic = load_task("synthetic")
+    skipped = Auditor(synthetic, model_spec(synthetic))
+    skipped.remember(4, ReversedTrigger(0, np.zeros(synthetic.input_dim, np.float32),
+                                        np.zeros(synthetic.input_dim, np.float32)))
+    params = get_flat_params(build_model(model_spec(synthetic)))
+    assert skipped.skipped and skipped.screen(params, {"dev-0000": np.ones_like(params)}) is None
+
+
+def test_look_back_returns_the_oldest_window_that_held_a_screened_member(digits):
+    """Newest first: the backdoor sits in the windows of versions 9 and 8, not 7: the lineage is served again from
+    version 8's base (7), and the member is reported with both windows."""
+    auditor = Auditor(digits.task, digits.spec)
+    tainted = {**digits.honest, "dev-bad": digits.backdoor}
+    windows = [PastWindow(9, digits.parent, tainted), PastWindow(8, digits.parent, tainted),
+               PastWindow(7, digits.parent, digits.honest)]
+    oldest, culprits = auditor.look_back(digits.trigger, windows)
+    assert oldest is windows[1] and culprits == {"dev-bad": [9, 8]}
+    # an empty window (e.g. every member screened out) is passed over, not an error
+    oldest, culprits = auditor.look_back(digits.trigger, [PastWindow(9, digits.parent, {}), *windows[1:]])
+    assert oldest is windows[1] and culprits == {"dev-bad": [8]}
+
+
+def test_look_back_finds_nothing_in_honest_windows_and_looks_no_further_than_its_limit(digits):
+    auditor = Auditor(digits.task, digits.spec)
+    honest = [PastWindow(v, digits.parent, digits.honest) for v in (9, 8, 7)]
+    assert auditor.look_back(digits.trigger, honest) == (None, {})
+    assert LOOKBACK_WINDOWS == 3
+    # a backdoor in the fourth window back is past the limit (and a window that would not even screen is never read)
+    beyond = [*honest, PastWindow(6, digits.parent, {"dev-bad": digits.backdoor}),
+              PastWindow(5, digits.parent[:-1], {"dev-bad": digits.backdoor})]
+    assert auditor.look_back(digits.trigger, beyond) == (None, {})
+    assert auditor.look_back(digits.trigger, []) == (None, {})
