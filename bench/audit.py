@@ -67,7 +67,8 @@ AUDITED = ("clean", "flagged")
 KEEP = ("round", "main_accuracy", "backdoor_accuracy", "malicious", "honest", "flagged_malicious", "flagged_honest",
         "quarantined_malicious", "quarantined_honest", "admitted", "skipped", "audit", "audit_class",
         "audit_seconds", "served", "attributed_malicious", "attributed_honest", "candidate_backdoor_accuracy",
-        "sampled_malicious")
+        "sampled_malicious", "screened_malicious", "screened_honest", "looked_back_malicious", "looked_back_honest",
+        "rolled_back_to")
 
 
 # -- pure summaries (tests/unit/test_bench_audit.py) ----------------------------------------------------------
@@ -113,6 +114,13 @@ def _share(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
+def by_audit(record: dict[str, Any], who: str) -> int:
+    """Devices of one round the audit found (``who``: malicious or honest): attributed by a flag, screened out of
+    the window against a remembered trigger, or found by a flag's look-back in earlier windows (each device once:
+    it is quarantined at once)."""
+    return sum(record.get(f"{how}_{who}") or 0 for how in ("attributed", "screened", "looked_back"))
+
+
 def device_shares(rounds: list[dict[str, Any]], compromised: list[int], num_devices: int, attack_start: int,
                   within: int = WITHIN, took_part: set[int] | None = None) -> dict[str, Any]:
     """Attribution and quarantine shares. "Within ``within`` rounds of the attack's start": rounds ``attack_start
@@ -125,9 +133,9 @@ def device_shares(rounds: list[dict[str, Any]], compromised: list[int], num_devi
     n_honest = num_devices - n_bad
     cutoff = attack_start + within - 1
     early = [r for r in rounds if r["round"] <= cutoff]
-    att_bad_early = sum(r.get("attributed_malicious") or 0 for r in early)
-    att_bad = sum(r.get("attributed_malicious") or 0 for r in rounds)
-    att_honest = sum(r.get("attributed_honest") or 0 for r in rounds)
+    att_bad_early = sum(by_audit(r, "malicious") for r in early)
+    att_bad = sum(by_audit(r, "malicious") for r in rounds)
+    att_honest = sum(by_audit(r, "honest") for r in rounds)
     q_bad_early = early[-1]["quarantined_malicious"] if early else 0
     q_bad = rounds[-1]["quarantined_malicious"] if rounds else 0
     q_honest = max((r["quarantined_honest"] for r in rounds), default=0)
@@ -356,8 +364,11 @@ def render(report: dict[str, Any]) -> str:
         f"rule `{report['rule']}`, detection `{report['detection']}` with reputation; the audit's live defaults "
         f"(time budget {report['audit_time_budget_s']:g} s, reference = median of the last "
         f"{report['audit_reference_versions']} served clean audits, {report['audit_warmup_versions']} warm-up "
-        "versions audited but not judged). A flagged candidate is not served (the version keeps the served "
-        "parameters) and its attributed devices are quarantined.",
+        "versions audited but not judged). A flagged candidate is not served, its attributed devices are "
+        "quarantined and its reversed trigger is remembered; the last 3 served windows are screened with it (the "
+        "look-back: if one held a member pushing the trigger, the version gets the parameters of the oldest such "
+        "window's base and those devices are quarantined); every later window's members are screened against the "
+        "remembered triggers before the rule aggregates them (screened ones are left out and quarantined).",
         f"* Attacks at {int(100 * report['fraction'])} % compromised devices (a fixed seeded sample of 20 of 100) "
         f"from round {report['attack_start']}, the attack library's default parameters (`sybil`: base "
         "`model_replacement`, near-identical copies), every round a compromised device is sampled; "
@@ -374,7 +385,9 @@ def render(report: dict[str, Any]) -> str:
         "version actually served in each round. *Within 10 rounds*: rounds "
         f"{report['attack_start']}-{report['attack_start'] + WITHIN - 1}. Shares of attackers are over all 20 "
         "compromised devices (in brackets: how many of them were window members in those 10 rounds: one not sampled "
-        "cannot be caught). *Quarantined*: by the audit's attribution or by reputation; *attributed*: by the audit.",
+        "cannot be caught). *Quarantined*: by the audit or by reputation; *attributed*: by the audit (a flag's "
+        "attribution, its look-back over the last served windows, or the screening of later windows against the "
+        "remembered trigger).",
         "",
         f"## Clean: {c['audited_versions']} audited versions ({c['runs']} seeds x {report['rounds']} rounds)",
         "",
@@ -482,16 +495,29 @@ def notes(report: dict[str, Any]) -> list[str]:
     if leaked:
         worst = max(leaked, key=lambda t: t[3])
         out.append(f"Served versions judged clean with backdoor accuracy above {pct(MAX_SERVED_BACKDOOR, 0)}: "
-                   f"{len(leaked)} (worst: {worst[0]} seed {worst[1]}, round {worst[2]}, {pct(worst[3])}). Windows "
-                   "with one attacker (or a backdoor still below the audit's sensitivity) pass as clean, so the "
-                   "backdoor accumulates in the served lineage between flags; a flag withholds one candidate but "
-                   "does not roll the lineage back past the versions that already carry part of it.")
+                   f"{len(leaked)} (worst: {worst[0]} seed {worst[1]}, round {worst[2]}, {pct(worst[3])}): a "
+                   "backdoor below the audit's sensitivity, before its first flag or between flags, is served.")
+    rows = [x for run in runs for x in rows_of(run)]
+    if any("screened_malicious" in x for x in rows):
+        tot = {k: sum(x.get(k) or 0 for x in rows) for k in ("screened_malicious", "screened_honest",
+                                                            "looked_back_malicious", "looked_back_honest")}
+        rolled = [(run["attack"], run["seed"], x["round"], x["rolled_back_to"]) for run in runs
+                  for x in rows_of(run) if x.get("rolled_back_to") is not None]
+        out.append(f"Remembered triggers: {tot['screened_malicious']} attacker and {tot['screened_honest']} honest "
+                   "members screened out of later windows; the look-back of a flag found "
+                   f"{tot['looked_back_malicious']} attacker and {tot['looked_back_honest']} honest devices in the "
+                   "served windows before it and served an older base "
+                   + (f"{len(rolled)} times (" + "; ".join(f"{a} s{sd} round {r}: parameters of version {v}"
+                                                           for a, sd, r, v in rolled) + ")." if rolled else
+                      "never."))
     budget = report.get("audit_time_budget_s")
     secs = [x["audit_seconds"] for run in report.get("runs", []) for x in rows_of(run)
             if x["audit"] in AUDITED and x["audit_seconds"]]
     if budget and secs:
         at = sum(v >= budget for v in secs)
-        out.append(f"Time budget: {at} of {len(secs)} audited versions took at least the {budget:g} s budget of "
+        out.append(f"Time budget: none of the {len(secs)} audited versions reached the {budget:g} s budget of wall "
+                   f"time (max {max(secs):.2f} s)." if not at else
+                   f"Time budget: {at} of {len(secs)} audited versions took at least the {budget:g} s budget of "
                    "wall time (two simulations on two cores): the reverse engineering was most likely cut by the "
                    "budget (`truncated`; not in the round record), i.e. these verdicts rest on fewer optimisation "
                    "steps than the audit's 150. docs/audit.md measured 1.10 s CPU (1.75 s wall) per version at a "
