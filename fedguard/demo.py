@@ -37,6 +37,24 @@ class RoundLine:
     attackers_rejected: int = 0
     attackers_downweighted: int = 0
     honest_rejected: int = 0
+    audit: str | None = None  # the model audit's verdict on the window's candidate (aggregator/auditing.py)
+    served_from: int | None = None  # a flagged candidate is not served: the version these parameters came from
+    audit_attackers: int = 0  # devices the audit quarantined with this version that the ledger names as malicious
+    audit_honest: int = 0  # ... and the others (attributed, screened out of the window, or found by the look-back)
+    attackers_screened: int = 0  # attackers of this window screened out against a remembered trigger
+
+
+def audit_of(meta: dict[str, Any], bad_devices: set[str]) -> dict[str, Any]:
+    """What the model audit did with one version (its metadata): verdict, where a flagged version's parameters
+    came from, and the devices it quarantined (attributed, screened, found by the look-back), split by the ledger."""
+    audit = meta.get("audit") or {}
+    screened = set((audit.get("screened") or {}).get("screened") or [])
+    found = set(audit.get("attributed") or []) | screened | set((audit.get("look_back") or {}).get("screened") or {})
+    flagged = audit.get("verdict") == "flagged"
+    return {"audit": audit.get("verdict"),
+            "served_from": (meta.get("rule_info") or {}).get("params_from") if flagged else None,
+            "audit_attackers": len(found & bad_devices), "audit_honest": len(found - bad_devices),
+            "attackers_screened": len(screened & bad_devices)}
 
 
 @dataclass
@@ -90,6 +108,9 @@ def plot_accuracy(lines: list[RoundLine], initial: dict[str, Any], path: Path, t
     for i, r in enumerate(sorted(attack_rounds or [])):
         ax.axvspan(r - 0.5, r + 0.5, color="tab:red", alpha=0.12, linewidth=0,
                    label="attackers in the window" if i == 0 else None)
+    for i, r in enumerate(line.round for line in lines if line.audit == "flagged"):
+        ax.axvline(r, color="black", linestyle=":", linewidth=1.2,
+                   label="audit flagged the candidate (not served)" if i == 0 else None)
     ax.axhline(0.8, color="grey", linestyle="--", linewidth=0.8, label="80%")
     ax.set_xlabel("round (global model version)")
     ax.set_ylabel("test accuracy")
@@ -169,6 +190,10 @@ def run_demo(settings: Settings, rounds: int, plot: str | Path, fresh: bool = Tr
         "malicious_rejected": sum(line.attackers_rejected for line in lines),
         "malicious_downweighted": sum(line.attackers_downweighted for line in lines),
         "honest_rejected": sum(line.honest_rejected for line in lines),
+        "audit_flagged_versions": [line.version for line in lines if line.audit == "flagged"],
+        "audit_quarantined_attackers": sum(line.audit_attackers for line in lines),
+        "audit_quarantined_others": sum(line.audit_honest for line in lines),
+        "attackers_screened": sum(line.attackers_screened for line in lines),
         "rejected_by_reason": dict(watcher.rejected),
         "settings": {"devices": settings.num_devices, "per_round": settings.devices_per_round,
                      "alpha": settings.dirichlet_alpha, "rule": settings.rule, "seed": settings.seed},
@@ -186,6 +211,9 @@ def run_demo(settings: Settings, rounds: int, plot: str | Path, fresh: bool = Tr
         print(f"malicious updates in windows {summary['malicious_in_windows']}: rejected "
               f"{summary['malicious_rejected']}, down-weighted {summary['malicious_downweighted']}; honest members "
               f"rejected {summary['honest_rejected']}")
+        print(f"model audit: flagged versions {summary['audit_flagged_versions'] or 'none'}; quarantined "
+              f"{summary['audit_quarantined_attackers']} attacker(s) ({summary['attackers_screened']} screened out "
+              f"of a window) and {summary['audit_quarantined_others']} other device(s)")
     print(f"plot: {plot}  summary: {plot.with_suffix('.json')}")
     return 0 if len(lines) == rounds else 1
 
@@ -212,12 +240,16 @@ def _follow(stack: EmbeddedStack, watcher: Watcher, rounds: int, round_timeout_s
                 _check(stack, deadline, f"window {meta['window_id']}")
                 watcher.poll()
             now = time.monotonic()
+            ledger = malicious()
+            bad_devices = {m["device_id"] for w in watcher.windows.values() for m in w.get("members", [])
+                           if m["update_id"] in ledger}
             line = RoundLine(round=version, version=version, members=meta["members"], accepted=meta["accepted"],
                              rejected=watcher.rejected_total - rejected_before,
                              accuracy=meta["metrics"]["accuracy"], loss=meta["metrics"]["loss"],
                              seconds=round(now - last_time, 2),
                              backdoor_accuracy=meta["metrics"].get("backdoor_accuracy"),
-                             **_attackers(watcher.windows.get(meta.get("window_id")), malicious()))
+                             **_attackers(watcher.windows.get(meta.get("window_id")), ledger),
+                             **audit_of(meta, bad_devices))
             rejected_before, last_time = watcher.rejected_total, now
             lines.append(line)
             bar.update(1)
@@ -226,9 +258,16 @@ def _follow(stack: EmbeddedStack, watcher: Watcher, rounds: int, round_timeout_s
             attackers = "" if not line.attackers else (
                 f"  attackers {line.attackers} (rejected {line.attackers_rejected}, down-weighted "
                 f"{line.attackers_downweighted})")
+            audit = ""
+            if line.audit == "flagged":
+                audit = f"  audit FLAGGED: not served (parameters of v{line.served_from})"
+            if line.audit_attackers or line.audit_honest:
+                audit += (f"  audit quarantined {line.audit_attackers} attacker(s)"
+                          f"{f', {line.audit_honest} other(s)' if line.audit_honest else ''}"
+                          f"{f' ({line.attackers_screened} screened out)' if line.attackers_screened else ''}")
             tqdm.write(f"round {line.round:>3}  v{line.version:<4} window {line.members:>3}  accepted "
                        f"{line.accepted:>3}  rejected {line.rejected:>3}  accuracy {line.accuracy:.4f}{backdoor}  "
-                       f"loss {line.loss:.4f}{attackers}  ({line.seconds:.1f}s)")
+                       f"loss {line.loss:.4f}{attackers}{audit}  ({line.seconds:.1f}s)")
     finally:
         bar.close()
     return lines, initial

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The main job: installs what is needed, then runs the embedded stack (Tansu broker, Redis, Faust processors with
-# the detection ensemble and reputation, aggregator, 100 devices) for 30 rounds of Fashion-MNIST while 20% of the
-# enrolled devices are compromised from round 5 on and send identical model-replacement updates (a Sybil backdoor
-# campaign), and writes fedguard-demo.png (main and backdoor accuracy per round). Extra flags go to `fedguard demo`
-# and override these (e.g. --attack none, --attack constrain_and_scale, --rounds 10, --task digits).
+# the detection ensemble and reputation, aggregator with the model audit, 100 devices) for 30 rounds of Fashion-MNIST
+# while 20% of the enrolled devices are compromised from round 5 on and send a persistent constrain-and-scale backdoor
+# (updates at the honest norm that pass every per-window filter; the model audit catches it), and writes
+# fedguard-demo.png (main and backdoor accuracy per round). Extra flags go to `fedguard demo` and override these
+# (e.g. --attack none, --attack sybil, --rounds 10, --task digits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
-exec "${PYTHON:-python3}" -m fedguard.cli demo --attack sybil --fraction 0.2 "$@"
+exec "${PYTHON:-python3}" -m fedguard.cli demo --attack constrain_and_scale --fraction 0.2 "$@"

@@ -325,7 +325,8 @@ DASHBOARD_SUBJECTS = {
     "fedguard-model.json": ("fedguard-model", "fedguard model and attacks", (
         "fedguard_version_accuracy", "fedguard_version_backdoor_accuracy", "fedguard_version_accuracy_drop",
         "fedguard_model_versions_total", "fedguard_model_accuracy", "fedguard_model_backdoor_accuracy",
-        "fedguard_model_rule_info", "fedguard_fleet_attack_active", "fedguard_fleet_malicious_updates_sent_total")),
+        "fedguard_model_rule_info", "fedguard_fleet_attack_active", "fedguard_fleet_malicious_updates_sent_total",
+        "fedguard_audit_verdicts_total", "fedguard_audit_attributed_total", "fedguard_audit_screened_total")),
     "fedguard-infrastructure.json": ("fedguard-infrastructure", "fedguard infrastructure", (
         "fedguard_broker_resident_memory_bytes", "fedguard_broker_up", "fedguard_redis_up",
         "fedguard_redis_used_memory_bytes", "fedguard_redis_connected_clients", "fedguard_model_store_bytes",
