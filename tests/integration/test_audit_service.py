@@ -51,6 +51,16 @@ def trained_delta(task, spec, base: np.ndarray, x: np.ndarray, y: np.ndarray, se
     return get_flat_params(model) - base
 
 
+def warm_up(settings, running, task, spec) -> np.ndarray:
+    """Window 1: one member carries the model to a trained state (FedAvg of one update is that update), the
+    audit's warm-up version. Returns version 1's parameters."""
+    v0 = running.service.current.params
+    pretrain = trained_delta(task, spec, v0, task.x_train, task.y_train, seed=1, epochs=8)
+    send_windows(settings, window(settings, 0, store_updates(settings, [pretrain], 0, "w1"), "w1"))
+    running.until_version(1)
+    return running.service.current.params
+
+
 def test_a_backdoored_candidate_is_flagged_not_served_and_its_device_quarantined(settings):
     settings = settings.with_overrides(task="digits", rule="fedavg", audit_warmup_versions=1)
     assert settings.audit == "neural_cleanse"
@@ -63,12 +73,7 @@ def test_a_backdoored_candidate_is_flagged_not_served_and_its_device_quarantined
                                          sample("fedguard_audit_attributed_total"))
     with Running(settings) as running:
         service = running.service
-        v0 = service.current.params
-        # window 1: one member carries the model to a trained state (FedAvg of one update is that update)
-        pretrain = trained_delta(task, spec, v0, task.x_train, task.y_train, seed=1, epochs=8)
-        send_windows(settings, window(settings, 0, store_updates(settings, [pretrain], 0, "w1"), "w1"))
-        running.until_version(1)
-        v1 = service.current.params
+        v1 = warm_up(settings, running, task, spec)
         # window 2: 8 honest members and one model-replacement backdoor (Bagdasaryan et al. 2020)
         honest = [trained_delta(task, spec, v1, task.x_train[shards[i]], task.y_train[shards[i]], seed=i)
                   for i in range(ATTACKER)]
@@ -230,11 +235,7 @@ def test_after_a_flag_a_new_attacker_is_screened_out_also_after_a_restart(settin
                                          sample("fedguard_audit_screened_total", how="look_back"))
     with Running(settings) as running:
         service = running.service
-        v0 = service.current.params
-        pretrain = trained_delta(task, spec, v0, task.x_train, task.y_train, seed=1, epochs=8)
-        send_windows(settings, window(settings, 0, store_updates(settings, [pretrain], 0, "w1"), "w1"))
-        running.until_version(1)
-        v1 = service.current.params
+        v1 = warm_up(settings, running, task, spec)
         # window 2: honest members and the model-replacement attacker dev-0008: flagged
         w2 = {**honest_window(v1, 0), "dev-0008": attack("model_replacement", ATTACKER, v1, 1, 7)}
         send_windows(settings, window(settings, 1, store_members(settings, w2, 1, "w2"), "w2"))
