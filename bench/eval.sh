@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 10's committed matrix, in three resumable runs (finished cells in <out>/cells are not rerun, so the same
+# command continues an interrupted run; the cells are committed with the results):
+#   1. the default defence (norm_clip + the detection ensemble) with the model audit, as `fedguard up` runs it,
+#      x every attack of the library and the clean baseline, seeds 0, 1 and 2;
+#   2. the same without the audit (what the per-window defences alone do);
+#   3. every rule, with the default detection and without, x every attack, seed 0 (audit off: the rules compared).
+# Fashion-MNIST, 20% compromised devices from round 5, 30 rounds. `python bench/eval_report.py` then writes
+# bench/results/eval.md (the targets of issue 10 against these runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ATTACKS=none,model_replacement,constrain_and_scale,badnets,label_flip,sign_flip,gaussian,alie,ipm,min_max,min_sum,slow_drift,sybil,window_stuffing
+RULES=norm_clip,fedavg,coordinate_median,trimmed_mean,krum,multi_krum,geometric_median,bulyan,centered_clipping,fltrust,flame,dp_gaussian,reputation_weighted
+# Rules that need parameters: f = 2 of a 10-member window at 20% compromised (Bulyan needs n >= 4f + 3: f = 1),
+# trimmed mean cuts 2 per side, DP clips at the median honest norm (2.2-2.5 from round 3 on, measured).
+PARAMS='{"krum": {"f": 2}, "multi_krum": {"f": 2}, "bulyan": {"f": 1}, "trimmed_mean": {"beta": 0.2}, "dp_gaussian": {"clip_norm": 2.5}}'
+WORKERS=${WORKERS:-2}
+COMMON=(--task fashion-mnist --rounds 30 --fractions 0.2 --attacks "$ATTACKS" --workers "$WORKERS")
+python -m fedguard.cli eval "${COMMON[@]}" --rules norm_clip --detection ensemble --seeds 0,1,2 \
+    --audit neural_cleanse --out bench/results/eval-default-audit "$@"
+python -m fedguard.cli eval "${COMMON[@]}" --rules norm_clip --detection ensemble --seeds 0,1,2 \
+    --out bench/results/eval-default "$@"
+python -m fedguard.cli eval "${COMMON[@]}" --rules "$RULES" --rule-params "$PARAMS" --detection ensemble,none \
+    --seeds 0 --out bench/results/eval "$@"

@@ -1,0 +1,187 @@
+"""Issue 10's targets against the committed matrix: writes ``bench/results/eval.md``.
+
+Reads the cells ``bench/eval.sh`` wrote (``<dir>/cells/*.json``, so a partial run reports what it has) in three
+directories: ``eval-default-audit`` (norm_clip + ensemble + the model audit: the default configuration of
+``fedguard up``, seeds 0-2), ``eval-default`` (the same without the audit) and ``eval`` (every rule, with and
+without detection, seed 0). Each target of issue 10, item 5, is checked on the runs it names:
+
+* the attack reproduced: fedavg without detection, single-shot model replacement, backdoor accuracy >= 90% at some
+  round (Bagdasaryan et al. 2020: close to 100%);
+* the default defence keeps backdoor accuracy <= 5% at every round under single-shot model replacement, persistent
+  constrain-and-scale (model replacement with the anomaly-evasion loss, every round), slow drift and the Sybil
+  backdoor, with final main accuracy within 1 point of clean fedavg (fedavg, no detection, no attack, seed 0);
+* under ALIE, IPM, min-max, min-sum, sign flip and Gaussian the default defence keeps >= 95% of clean fedavg's final
+  main accuracy;
+* detection: the ensemble's false-positive rate <= 1% of honest members, and a true-positive rate >= 95% per attack
+  that a per-window detector can see by design (:data:`NOT_DETECTABLE` says which cannot, and why).
+
+Usage: ``python bench/eval_report.py [--results bench/results] [--out bench/results/eval.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+BACKDOORS = {"model_replacement": "single-shot model replacement",
+             "constrain_and_scale": "persistent constrain-and-scale",
+             "slow_drift": "slow drift", "sybil": "Sybil backdoor"}
+UNTARGETED = ("alie", "ipm", "min_max", "min_sum", "sign_flip", "gaussian")
+#: attacks built to look like honest updates in every window (the detection target does not apply; THREATS.md)
+NOT_DETECTABLE = {
+    "constrain_and_scale": "scaled to the honest median norm, trained with the anomaly-evasion loss",
+    "slow_drift": "an honest update plus a push of 0.1-0.3 of the honest norm",
+    "badnets": "honest training on a shard with a few triggered samples (data poisoning)",
+}
+MAX_BACKDOOR = 0.05
+MAX_MAIN_DROP = 0.01
+MIN_CLEAN_SHARE = 0.95
+MAX_FP = 0.01
+MIN_TP = 0.95
+DIRS = {"audit": "eval-default-audit", "default": "eval-default", "matrix": "eval"}
+
+
+def load_cells(directory: Path) -> list[dict[str, Any]]:
+    """Every finished cell of one eval output directory (none if it does not exist)."""
+    cells_dir = Path(directory) / "cells"
+    return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))] if cells_dir.is_dir() else []
+
+
+def pick(cells: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    return [c for c in cells if all(c.get(k) == v for k, v in match.items())]
+
+
+def pct(x: float | None, nd: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{nd}f} %"
+
+
+def max_backdoor(cell: dict[str, Any]) -> float | None:
+    vals = [r["backdoor_accuracy"] for r in cell["rounds"] if r.get("backdoor_accuracy") is not None]
+    return max(vals) if vals else None
+
+
+def anchor(matrix: list[dict[str, Any]]) -> dict[str, Any]:
+    cells = pick(matrix, rule="fedavg", detection="none", attack="model_replacement")
+    got = [max_backdoor(c) for c in cells]
+    measured = ", ".join(f"seed {c['seed']}: {pct(b)}" for c, b in zip(cells, got)) or "not run yet"
+    return {"target": "fedavg + single-shot model replacement reaches >= 90 % backdoor accuracy",
+            "measured": measured, "met": bool(got) and all(b is not None and b >= 0.9 for b in got)}
+
+
+def clean_fedavg(matrix: list[dict[str, Any]]) -> float | None:
+    cells = pick(matrix, rule="fedavg", detection="none", attack="none", seed=0)
+    return cells[0]["final_main_accuracy"] if cells else None
+
+
+def backdoor_target(default: list[dict[str, Any]], clean: float | None, label: str) -> dict[str, Any]:
+    parts, met = [], clean is not None
+    for attack, name in BACKDOORS.items():
+        cells = pick(default, attack=attack)
+        if not cells:
+            parts.append(f"{name}: not run yet")
+            met = False
+            continue
+        worst = max(max_backdoor(c) or 0.0 for c in cells)
+        drop = None if clean is None else max(clean - c["final_main_accuracy"] for c in cells)
+        ok = worst <= MAX_BACKDOOR and drop is not None and drop <= MAX_MAIN_DROP
+        met = met and ok
+        parts.append(f"{name}: backdoor max {pct(worst)} over {len(cells)} seed(s), main "
+                     + ("–" if drop is None else f"{-100 * drop:+.2f} pp") + ("" if ok else " (**not met**)"))
+    return {"target": f"{label}: backdoor <= 5 % at every round under the backdoor attacks, final main within 1 point "
+                      "of clean fedavg", "measured": "; ".join(parts), "met": met}
+
+
+def robustness_target(default: list[dict[str, Any]], clean: float | None, label: str) -> dict[str, Any]:
+    parts, met = [], clean is not None
+    for attack in UNTARGETED:
+        cells = pick(default, attack=attack)
+        if not cells or clean is None:
+            parts.append(f"{attack}: {'not run yet' if not cells else 'no clean fedavg yet'}")
+            met = False
+            continue
+        share = min(c["final_main_accuracy"] for c in cells) / clean
+        met = met and share >= MIN_CLEAN_SHARE
+        parts.append(f"{attack} {100 * share:.1f} %")
+    return {"target": f"{label}: >= 95 % of clean fedavg's accuracy under {', '.join(UNTARGETED)} (worst seed)",
+            "measured": "; ".join(parts), "met": met}
+
+
+def detection_targets(default: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    honest = sum(c["detection_rates"]["honest"] for c in default)
+    fp = sum(c["detection_rates"]["flagged_honest"] for c in default)
+    rows = [{"target": f"{label}: ensemble false positives <= 1 % of honest members",
+             "measured": f"{pct(fp / honest if honest else None, 2)} ({fp} of {honest} honest members, every cell)",
+             "met": bool(honest) and fp / honest <= MAX_FP}]
+    parts, met = [], True
+    attacks = sorted({c["attack"] for c in default} - {"none"})
+    for attack in attacks:
+        cells = pick(default, attack=attack)
+        bad = sum(c["detection_rates"]["malicious"] for c in cells)
+        tp = sum(c["detection_rates"]["flagged_malicious"] for c in cells)
+        rate = tp / bad if bad else None
+        if attack in NOT_DETECTABLE:
+            parts.append(f"{attack} {pct(rate)} (not detectable by design)")
+            continue
+        met = met and rate is not None and rate >= MIN_TP
+        parts.append(f"{attack} {pct(rate)}" + ("" if rate is not None and rate >= MIN_TP else " (**not met**)"))
+    rows.append({"target": f"{label}: ensemble true positives >= 95 % per detectable attack",
+                 "measured": "; ".join(parts) or "not run yet", "met": bool(attacks) and met})
+    return rows
+
+
+def report(results_dir: Path) -> dict[str, Any]:
+    cells = {name: load_cells(results_dir / d) for name, d in DIRS.items()}
+    clean = clean_fedavg(cells["matrix"])
+    targets = [anchor(cells["matrix"])]
+    for name, label in (("audit", "default defence with the audit"), ("default", "default defence, audit off")):
+        targets += [backdoor_target(cells[name], clean, label), robustness_target(cells[name], clean, label)]
+    targets += detection_targets(cells["audit"], "default defence with the audit")
+    return {"counts": {name: len(c) for name, c in cells.items()}, "clean_fedavg": clean, "targets": targets}
+
+
+def render(rep: dict[str, Any]) -> str:
+    counts = rep["counts"]
+    lines = [
+        "# The attack x defence matrix (issue 10)", "",
+        "Produced by `bash bench/eval.sh` (three resumable `fedguard eval` runs; see the script) and "
+        "`python bench/eval_report.py`. Fashion-MNIST, 100 devices, 10 per round, Dirichlet(0.9), 20 % compromised "
+        "from round 5, 30 rounds, every attack of the library with its default parameters.", "",
+        "| run | directory | cells finished |", "|---|---|---:|",
+        f"| default defence + audit (norm_clip, ensemble, Neural Cleanse), seeds 0-2 | `{DIRS['audit']}/` | "
+        f"{counts['audit']} of 42 |",
+        f"| default defence, audit off, seeds 0-2 | `{DIRS['default']}/` | {counts['default']} of 42 |",
+        f"| every rule x detection on/off, audit off, seed 0 | `{DIRS['matrix']}/` | {counts['matrix']} of 364 |",
+        "",
+        "Each directory's `results.md` has the full table (final main accuracy, maximum and final backdoor accuracy, "
+        "detection rates, mean ± sd over seeds) and its heat maps and per-cell curves (written when its run "
+        "completes).", "",
+        f"Clean fedavg (no detection, no attack, seed 0): "
+        f"{pct(rep['clean_fedavg'], 2) if rep['clean_fedavg'] is not None else 'not run yet'}.", "",
+        "## Targets", "", "| target | measured | met |", "|---|---|---|",
+    ]
+    for t in rep["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']} | {'met' if t['met'] else '**NOT met**'} |")
+    lines += ["", "Not detectable by design (no detection target): "
+              + "; ".join(f"{k} ({v})" for k, v in NOT_DETECTABLE.items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    rep = report(args.results)
+    out = args.out or args.results / "eval.md"
+    out.write_text(render(rep))
+    for t in rep["targets"]:
+        print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
