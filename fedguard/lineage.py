@@ -79,11 +79,18 @@ def _row(meta: dict[str, Any], has_weights: bool) -> dict[str, Any]:
             "failed": lambda: info.get("failed", ""), "rule_skipped": lambda: info.get("skipped", ""),
             "flagged": lambda: "attributed: " + (", ".join(audit.get("attributed") or []) or "nobody")
             }.get(outcome, lambda: audit.get("why", "") if audit.get("verdict") == "clean" else "")()
+    # the remembered triggers' work (docs/audit.md): found in earlier windows by a flag's look-back, screened out
+    found = sorted((audit.get("look_back") or {}).get("screened") or {})
+    screened = list((audit.get("screened") or {}).get("screened") or [])
+    extra = ([f"look-back: {', '.join(found)}"] if found else []) + (
+        [f"screened out: {', '.join(screened)}"] if screened else [])
+    note = "; ".join([n for n in [note] if n] + extra)
     return {"version": meta["version"], "parent": meta.get("parent"), "round": meta.get("round"),
             "params_from": info.get("params_from"), "outcome": outcome, "audit": audit.get("verdict"),
             "audit_class": (audit.get("scores") or {}).get("flagged") if audit.get("verdict") == "flagged" else None,
             "audit_reasons": (audit.get("scores") or {}).get("reasons") or [],
-            "attributed": list(audit.get("attributed") or []), "accuracy": metrics.get("accuracy"),
+            "attributed": list(audit.get("attributed") or []), "look_back": found, "screened": screened,
+            "accuracy": metrics.get("accuracy"),
             "backdoor_accuracy": metrics.get("backdoor_accuracy"), "weights": has_weights,
             "window_id": meta.get("window_id"), "created_at": meta.get("created_at"), "note": note}
 

@@ -71,3 +71,18 @@ def test_rollback_targets_are_checked_with_a_hint(store, tmp_path):
         rollback_target(store, 2)
     with pytest.raises(RollbackError, match="no model versions"):
         rollback_target(ModelStore(tmp_path / "empty"), 0)
+
+
+def test_the_remembered_triggers_work_is_in_the_note(tmp_path):
+    store = ModelStore(tmp_path / "models")
+    p = np.zeros(4, dtype=np.float32)
+    store.save(0, p, meta(0))
+    store.save(1, p, meta(1, rule_info={"params_from": 0}, audit={
+        "verdict": "flagged", "scores": {"flagged": 0}, "attributed": ["dev-0002"],
+        "look_back": {"windows": [0], "screened": {"dev-0009": [0], "dev-0004": [0]}, "served_from": 0}}))
+    store.save(2, p, meta(2, audit={"verdict": "clean", "screened": {"screened": ["dev-0011"], "triggers": []}}))
+    rows = lineage(store)
+    assert rows[1]["look_back"] == ["dev-0004", "dev-0009"] and rows[2]["screened"] == ["dev-0011"]
+    assert rows[1]["note"] == "attributed: dev-0002; look-back: dev-0004, dev-0009"
+    assert rows[2]["note"] == "screened out: dev-0011"
+    assert rows[0]["note"] == "" and rows[0]["screened"] == [] and rows[0]["look_back"] == []
