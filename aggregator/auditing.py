@@ -79,8 +79,9 @@ SERVER = "server:clean-update"
 #: (:meth:`Auditor.screen`); a campaign keeps one trigger, so a few cover a change of target or pattern
 REMEMBERED_TRIGGERS = 4
 #: served windows before a flagged one that are screened with its trigger (:meth:`Auditor.look_back`): the audit
-#: flags a growing backdoor one or two windows after it entered the served lineage (docs/audit.md)
-LOOKBACK_WINDOWS = 3
+#: flagged persistent constrain-and-scale one or two windows after it entered the served lineage, BadNets in one
+#: run five windows after (round 12, the backdoor at 13-64% from round 7 on; docs/audit.md)
+LOOKBACK_WINDOWS = 6
 #: how far back :func:`served_audits` walks the lineage for clean audits (a long run of flagged or carried-over
 #: versions has none to give)
 MAX_LINEAGE_STEPS = 200
@@ -256,21 +257,23 @@ class Auditor:
         return screen_members(parent, members, self.server_update(parent), self.model,
                               [t for _, t in self.triggers], self.x_audit)
 
-    def look_back(self, trigger: ReversedTrigger, windows: list[PastWindow]
+    def look_back(self, trigger: ReversedTrigger, windows: list[PastWindow], flagged: PastWindow | None = None
                   ) -> tuple[PastWindow | None, dict[Any, list[int]]]:
-        """Screen the served windows before a flagged one (newest first, at most :data:`LOOKBACK_WINDOWS`) with
-        its trigger. Returns the oldest window that held a screened member (the lineage is served again from its
-        base: every version after it carries part of the backdoor), or None, and each screened member with the
-        versions of the windows it was screened in."""
+        """Screen the flagged window's members and the served windows before it (newest first, at most
+        :data:`LOOKBACK_WINDOWS`) with its trigger. Returns the oldest *served* window that held a screened member
+        (the lineage is served again from its base: every version after it carries part of the backdoor), or None,
+        and each screened member with the versions of the windows it was screened in. No screened member anywhere:
+        nobody pushes the trigger far beyond clean training, so the caller does not remember it (a false alarm's
+        natural trigger would otherwise screen honest devices whose data is mostly that class)."""
         oldest, culprits = None, {}
-        for window in windows[:LOOKBACK_WINDOWS]:
+        for window in ([flagged] if flagged is not None else []) + windows[:LOOKBACK_WINDOWS]:
             if not window.members:
                 continue
             found = screen_members(window.parent, window.members, self.server_update(window.parent), self.model,
                                    [trigger], self.x_audit)
             for m in found.screened:
                 culprits.setdefault(m, []).append(window.version)
-            if found.screened:
+            if found.screened and window is not flagged:
                 oldest = window
         return oldest, culprits
 

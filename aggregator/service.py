@@ -339,10 +339,13 @@ class AggregatorService:
             audit_meta["candidate"] = {"sha256": params_sha256(params), "metrics": self._evaluate(params)}
             served = current
             if audit.trigger is not None:
-                self.store.save_trigger(current.version + 1, audit.trigger.target, audit.trigger.mask,
-                                        audit.trigger.pattern)
-                self.auditor.remember(current.version + 1, audit.trigger)
-                served, audit_meta["look_back"] = self._look_back(audit, window, current)
+                flagged = PastWindow(current.version + 1, current.params,
+                                     {m["device_id"]: deltas[i] for i, m in enumerate(accepted)})
+                served, audit_meta["look_back"] = self._look_back(audit, window, current, flagged)
+                if audit_meta["look_back"].get("screened"):  # confirmed (Auditor.look_back): remember it
+                    self.store.save_trigger(current.version + 1, audit.trigger.target, audit.trigger.mask,
+                                            audit.trigger.pattern)
+                    self.auditor.remember(current.version + 1, audit.trigger)
             result_info["params_from"] = served.version
             result_info["withheld"] = (f"the audit flagged class {audit.flagged_class} of the candidate: parameters "
                                        f"of version {served.version} carried into version {current.version + 1}")
@@ -435,15 +438,15 @@ class AggregatorService:
             version = int(parent)
         return out
 
-    def _look_back(self, audit: AuditOutcome, window: dict[str, Any], current: ModelVersion
+    def _look_back(self, audit: AuditOutcome, window: dict[str, Any], current: ModelVersion, flagged: PastWindow
                    ) -> tuple[ModelVersion, dict[str, Any]]:
-        """Screen the served windows before the flagged one with its trigger (:meth:`Auditor.look_back`);
-        quarantine whom it finds. Returns the version whose parameters to serve (the base of the oldest window
-        holding a screened member, else ``current``) and what it did, for the version's metadata."""
+        """Screen the flagged window and the served windows before it with its trigger (:meth:`Auditor.look_back`);
+        quarantine whom it finds. Returns the version whose parameters to serve (the base of the oldest served
+        window holding a screened member, else ``current``) and what it did, for the version's metadata."""
         version = current.version + 1
         try:
             windows = self._past_windows(current)
-            oldest, culprits = self.auditor.look_back(audit.trigger, windows)
+            oldest, culprits = self.auditor.look_back(audit.trigger, windows, flagged)
             served = current if oldest is None else self.store.load(oldest.version - 1)
         except Exception as exc:  # noqa: BLE001 - the flag itself still holds: serve the parent, say why
             log.exception("audit look-back for version %d failed", version)

@@ -365,10 +365,11 @@ def render(report: dict[str, Any]) -> str:
         f"(time budget {report['audit_time_budget_s']:g} s, reference = median of the last "
         f"{report['audit_reference_versions']} served clean audits, {report['audit_warmup_versions']} warm-up "
         "versions audited but not judged). A flagged candidate is not served, its attributed devices are "
-        "quarantined and its reversed trigger is remembered; the last 3 served windows are screened with it (the "
-        "look-back: if one held a member pushing the trigger, the version gets the parameters of the oldest such "
-        "window's base and those devices are quarantined); every later window's members are screened against the "
-        "remembered triggers before the rule aggregates them (screened ones are left out and quarantined).",
+        "quarantined; the flagged window and the last 6 served windows are screened with its trigger (the "
+        "look-back: if a served one held a member pushing the trigger, the version gets the parameters of the "
+        "oldest such window's base; those devices are quarantined, and if there were any the trigger is "
+        "remembered); every later window's members are screened against the remembered triggers before the rule "
+        "aggregates them (screened ones are left out and quarantined).",
         f"* Attacks at {int(100 * report['fraction'])} % compromised devices (a fixed seeded sample of 20 of 100) "
         f"from round {report['attack_start']}, the attack library's default parameters (`sybil`: base "
         "`model_replacement`, near-identical copies), every round a compromised device is sampled; "

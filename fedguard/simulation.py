@@ -14,7 +14,7 @@ services call (the composition layer: it may import the producers, the processor
 | sketch | validator | :func:`fedguard.sketch.sketch_rows` with a secret-like seed (below) |
 | detection, reputation | ``processors.defence.WindowDefence.judge`` | :func:`processors.ensemble.score_window` (histories before the window, trust = E before it, the previous global sketch), :func:`processors.reputation.observe` on each member's ``evidence``, :func:`processors.detectors.updated` for every member, :func:`processors.defence.global_update_sketch` |
 | aggregation | ``aggregator.service.AggregatorService.handle_window`` | admitted members (:func:`fedguard.weighting.admitted`), :class:`aggregator.combine.ConfiguredRule` with FedAvg weights :func:`fedguard.weighting.sample_weights`, the previous aggregate, :func:`aggregator.combine.server_update`, trust after the window, noise from ``noise_generator(seed, version)``; too few admitted members or a rule precondition: the parameters carry over |
-| model audit (``audit``) | ``AggregatorService.handle_window`` | :meth:`aggregator.auditing.Auditor.audit_candidate` on each candidate, reference :func:`aggregator.auditing.reference_norms` of the last served clean audits; flagged: the version keeps the served parameters, the attributed devices are quarantined (never released: live, only an operator releases them), the trigger is remembered and :meth:`~aggregator.auditing.Auditor.look_back` screens the last served windows with it (serving the base of the oldest one holding a screened member); before each rule: :meth:`~aggregator.auditing.Auditor.screen` against the remembered triggers |
+| model audit (``audit``) | ``AggregatorService.handle_window`` | :meth:`aggregator.auditing.Auditor.audit_candidate` on each candidate, reference :func:`aggregator.auditing.reference_norms` of the last served clean audits; flagged: the version keeps the served parameters, the attributed devices are quarantined (never released: live, only an operator releases them), :meth:`~aggregator.auditing.Auditor.look_back` screens the flagged window and the last served windows with its trigger (serving the base of the oldest served one holding a screened member) and, if it found anyone, the trigger is remembered; before each rule: :meth:`~aggregator.auditing.Auditor.screen` against the remembered triggers |
 | evaluation | aggregator | :class:`aggregator.evaluation.Evaluator` (main accuracy, backdoor accuracy per ``backdoor_eval``) |
 
 Round ``r`` (1-based) trains on base version ``r - 1`` and makes version ``r``. The attack fires in rounds
@@ -405,8 +405,10 @@ class _Simulation:
             for device in outcome.attributed:
                 self.quarantine_by_audit(device)
             if outcome.trigger is not None:
-                self.auditor.remember(version + 1, outcome.trigger)
-                oldest, culprits = self.auditor.look_back(outcome.trigger, self.past)
+                oldest, culprits = self.auditor.look_back(outcome.trigger, self.past,
+                                                          flagged=PastWindow(version + 1, parent, members))
+                if culprits:  # confirmed: someone pushes it far beyond clean training
+                    self.auditor.remember(version + 1, outcome.trigger)
                 self.looked_back = set(culprits) - set(outcome.attributed)  # (counted once a round)
                 for device in culprits:
                     self.quarantine_by_audit(device)

@@ -253,8 +253,9 @@ def test_after_a_flag_a_new_attacker_is_screened_out_also_after_a_restart(settin
     store = service.store
     v2m, v3 = store.meta(2), store.load(3)
     assert v2m["audit"]["attributed"] == ["dev-0008"] and "screened" not in v2m["audit"]  # nothing remembered yet
-    # the look-back screened window 1 (one member: no outlier) and served the parent
-    assert v2m["audit"]["look_back"] == {"windows": [1], "screened": {}, "served_from": 1}
+    # the look-back screened the flagged window (dev-0008 pushes the trigger: it is confirmed, so remembered) and
+    # window 1 (one member: no outlier), and served the parent; dev-0008 is counted once, as attributed
+    assert v2m["audit"]["look_back"] == {"windows": [1], "screened": {"dev-0008": [2]}, "served_from": 1}
     (version, target, mask, pattern), = store.triggers(4)
     assert (version, target) == (2, v2m["audit"]["scores"]["flagged"]) == (2, 0)
     np.testing.assert_array_equal(mask, remembered[0][1].mask)

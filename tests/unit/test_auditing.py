@@ -256,11 +256,24 @@ def test_look_back_returns_the_oldest_window_that_held_a_screened_member(digits)
 
 def test_look_back_finds_nothing_in_honest_windows_and_looks_no_further_than_its_limit(digits):
     auditor = Auditor(digits.task, digits.spec)
-    honest = [PastWindow(v, digits.parent, digits.honest) for v in (9, 8, 7)]
+    honest = [PastWindow(v, digits.parent, digits.honest) for v in range(9, 9 - LOOKBACK_WINDOWS, -1)]
     assert auditor.look_back(digits.trigger, honest) == (None, {})
-    assert LOOKBACK_WINDOWS == 3
-    # a backdoor in the fourth window back is past the limit (and a window that would not even screen is never read)
-    beyond = [*honest, PastWindow(6, digits.parent, {"dev-bad": digits.backdoor}),
-              PastWindow(5, digits.parent[:-1], {"dev-bad": digits.backdoor})]
+    # a backdoor one window past the limit is not looked at (and a window that would not even screen is never read)
+    beyond = [*honest, PastWindow(9 - LOOKBACK_WINDOWS, digits.parent, {"dev-bad": digits.backdoor}),
+              PastWindow(8 - LOOKBACK_WINDOWS, digits.parent[:-1], {"dev-bad": digits.backdoor})]
     assert auditor.look_back(digits.trigger, beyond) == (None, {})
     assert auditor.look_back(digits.trigger, []) == (None, {})
+
+
+def test_look_back_screens_the_flagged_window_too_without_rolling_back_past_it(digits):
+    """The flagged window's own members confirm the trigger (the caller remembers it only then); a backdoor found
+    there alone serves the flagged window's base, i.e. nothing older than the parent."""
+    auditor = Auditor(digits.task, digits.spec)
+    flagged = PastWindow(10, digits.parent, {**digits.honest, "dev-bad": digits.backdoor})
+    served = [PastWindow(9, digits.parent, digits.honest)]
+    assert auditor.look_back(digits.trigger, served, flagged) == (None, {"dev-bad": [10]})
+    tainted = [PastWindow(9, digits.parent, {"dev-old": digits.backdoor, **digits.honest})]
+    oldest, culprits = auditor.look_back(digits.trigger, tainted, flagged)
+    assert oldest is tainted[0] and culprits == {"dev-bad": [10], "dev-old": [9]}
+    # a false alarm: nobody in the flagged window or before it pushes the trigger: nothing to remember
+    assert auditor.look_back(digits.trigger, served, PastWindow(10, digits.parent, digits.honest)) == (None, {})
