@@ -18,7 +18,8 @@ re-delivery, or a broker whose memory engine restarted its offsets at 0, never s
 temporary name and renamed, so a reader finds the whole tensor or nothing.
 
 Retention (:meth:`UpdateStore.prune`): the aggregator deletes the directories of base versions no window can still
-use, after it published each version. Every process that reads or writes must see the same directory: the embedded
+use and the audit's look-back no longer reads (``aggregator.auditing.LOOKBACK_WINDOWS``), after it published each
+version. Every process that reads or writes must see the same directory: the embedded
 stack's processes share the data dir; in compose every fedguard service mounts the same volume; on several hosts it
 must be shared storage.
 """
