@@ -299,7 +299,8 @@ class AggregatorService:
             self._quarantine_by_audit({d: f"model audit: screened out of window {window['window_id']}: "
                                           f"{'; '.join(screen.reasons[d])}" for d in screen.screened},
                                       window, current.version + 1, "screened")
-            kept = [i for i, m in enumerate(accepted) if m["device_id"] not in set(screen.screened)]
+            out = set(screen.screened)
+            kept = [i for i, m in enumerate(accepted) if m["device_id"] not in out]
             accepted, deltas = [accepted[i] for i in kept], deltas[kept]
         params, result_info = current.params, {"selected": []}
         # A window the rule cannot aggregate still makes a version (one per window, or the pipeline stalls: the
@@ -452,7 +453,8 @@ class AggregatorService:
             log.exception("audit look-back for version %d failed", version)
             return current, {"error": f"{type(exc).__name__}: {exc}"}
         # (a device the flag also attributes is quarantined and counted once, as attributed)
-        found = {d: vs for d, vs in culprits.items() if d not in set(audit.attributed)}
+        attributed = set(audit.attributed)
+        found = {d: vs for d, vs in culprits.items() if d not in attributed}
         AUDIT_SCREENED.labels("look_back").inc(len(found))
         self._quarantine_by_audit({d: f"model audit: version {version} (window {window['window_id']}) backdoored "
                                       f"class {audit.flagged_class}; the look-back found this device's update in "

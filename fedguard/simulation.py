@@ -384,9 +384,10 @@ class _Simulation:
 
     def audit(self, parent: np.ndarray, version: int, skipped: str | None) -> AuditOutcome | None:
         """``AggregatorService``'s audit of the candidate (``self.params``, version ``version + 1``): a flagged
-        candidate is not served, the attributed devices are quarantined, its trigger is remembered, and the served
-        windows before it are screened with that trigger (``Auditor.look_back``): the parameters served are those
-        of the base of the oldest window that held a screened member, else ``parent``'s."""
+        candidate is not served, the attributed devices are quarantined, and the flagged window and the served
+        windows before it are screened with its trigger (``Auditor.look_back``): whoever it finds is quarantined,
+        the trigger is remembered only if it found someone, and the parameters served are those of the base of the
+        oldest served window that held a screened member, else ``parent``'s."""
         if self.c.audit == "none":
             return None
         if skipped is not None:
