@@ -49,9 +49,9 @@ ATTACKED = 8  # rounds under attack
 class StoreMirror:
     """Hard links to every tensor the validator writes to the update store, taken while the pipeline runs.
 
-    The aggregator's retention deletes the tensors of a base version two versions after it (keep_from in
-    fedguard/updatestore.py), and :func:`without_attack_accuracy` reads the tensors of every attacked window after
-    the run. A hard link keeps a file's content when retention removes its name from the store; the mirror has the
+    The aggregator's retention deletes the tensors of a base version some versions after it (keep_from in
+    fedguard/updatestore.py, widened by the audit's look-back), and :func:`without_attack_accuracy` reads the
+    tensors of every attacked window after the run. A hard link keeps a file's content when retention removes its name from the store; the mirror has the
     store's layout, so a window member's reference names its tensor in it too. A file is in the store under its
     final name only once it is whole (written to a temporary name, then renamed)."""
 

@@ -18,6 +18,7 @@ from collections import Counter
 import psutil
 import pytest
 
+from aggregator.auditing import LOOKBACK_WINDOWS
 from fedguard.modelstore import ModelStore
 from fedguard.records import loads
 from fedguard.settings import to_env
@@ -92,7 +93,9 @@ def test_pipeline_trains_rejects_attacks_and_survives_an_aggregator_crash(settin
     for member in last_window["members"]:
         assert updates.get(member["tensor"], latest.params.size).shape == latest.params.shape
     kept = sorted(int(p.name) for p in (settings.update_store_dir / settings.model_id).iterdir())
-    assert kept and kept[0] >= keep_from(versions[-1], settings.max_staleness), kept
+    # (the audit's look-back keeps LOOKBACK_WINDOWS more base versions: aggregator/service.py)
+    assert kept and kept[0] >= keep_from(versions[-1], settings.max_staleness + LOOKBACK_WINDOWS), kept
+    assert kept[-1] <= versions[-1], kept
 
 
 def test_up_stops_every_process_it_started_on_sigterm(tmp_path):
