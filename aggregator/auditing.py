@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -61,7 +61,7 @@ from fedguard.tasks import (DEFAULT_TRAINING, ModelSpec, TaskData, build_model, 
 from fedguard.tasks.backdoor import IMAGE_SIDES
 
 __all__ = ["AUDIT_SET_SIZE", "CLEAN", "FLAGGED", "LOOKBACK_WINDOWS", "REMEMBERED_TRIGGERS", "SKIPPED", "AuditOutcome",
-           "Auditor", "PastWindow", "carried_over", "reference_norms", "served_audits", "skip_reason"]
+           "Auditor", "PastWindow", "carried_over", "reference_norms", "served_audits", "skip_reason", "unconfirmed"]
 
 CLEAN, FLAGGED, SKIPPED = "clean", "flagged", "skipped"
 VERDICTS = (CLEAN, FLAGGED, SKIPPED)
@@ -75,6 +75,9 @@ WARMUP_WHY = ("warm-up: the first FEDGUARD_AUDIT_WARMUP_VERSIONS audited version
 ABS_LIFT = 0.5
 #: the attribution's key of the server's clean update (the baseline every member is compared with)
 SERVER = "server:clean-update"
+#: the robust z a member attributed by a flag the look-back did not confirm needs to be quarantined (screen_members'
+#: z bound; :func:`unconfirmed`)
+UNCONFIRMED_Z = 4.0
 #: the reversed triggers of the last flagged versions that every later window is screened against
 #: (:meth:`Auditor.screen`); a campaign keeps one trigger, so a few cover a change of target or pattern
 REMEMBERED_TRIGGERS = 4
@@ -90,8 +93,9 @@ MAX_LINEAGE_STEPS = 200
 @dataclass(frozen=True)
 class AuditOutcome:
     """What the audit decided about one candidate. ``attributed``: the members (their ids as given) the flagged
-    version is attributed to, in input order; ``attribution``: :meth:`AttributionResult.to_dict` (all members'
-    scores), None unless flagged."""
+    version is attributed to, in input order; ``suspected``: those attributed on weak evidence by a flag the
+    look-back did not confirm (:func:`unconfirmed`: not quarantined); ``attribution``: :meth:`AttributionResult.to_dict` (all
+    members' scores), None unless flagged."""
 
     verdict: str
     why: str | None = None
@@ -106,6 +110,7 @@ class AuditOutcome:
 
     reference: bool = False  # its norms may serve as the differential reference (clean, or a warm-up audit)
     trigger: ReversedTrigger | None = None  # the flagged class's reversed trigger (flagged only; not in to_meta)
+    suspected: list[Any] = field(default_factory=list)
 
     @property
     def flagged_class(self) -> int | None:
@@ -121,6 +126,8 @@ class AuditOutcome:
             out["scores"] = self.scores
         if self.verdict == FLAGGED:
             out["attributed"] = [str(m) for m in self.attributed]
+            if self.suspected:
+                out["suspected"] = [str(m) for m in self.suspected]
         if self.attribution is not None:
             out["attribution"] = self.attribution
         return out
@@ -284,6 +291,27 @@ class Auditor:
         local_train(self.model, self.x_audit, self.y_audit, epochs=hp["epochs"], lr=hp["lr"],
                     batch_size=hp["batch_size"], momentum=hp.get("momentum", 0.0), seed=self.seed)
         return get_flat_params(self.model) - np.asarray(parent, dtype=np.float32)
+
+
+def unconfirmed(outcome: AuditOutcome, z_bound: float | None = None) -> AuditOutcome:
+    """A flag the look-back did not confirm (:meth:`Auditor.look_back` screened nobody: no member of the flagged
+    window or of the served windows before it pushes the trigger far beyond clean training). Its attributed members
+    stay attributed (quarantined) only on strong evidence: robust z >= ``z_bound`` (default
+    :data:`UNCONFIRMED_Z`, screen_members' bound) or the absolute test; the others become ``suspected`` and are not
+    quarantined. Measured: 2 of 42 cells of the default matrix had quarantined one honest device each at such a flag
+    (robust z 3.0 and 3.3, target margin +4.0 and +5.3 logits), while the attackers of a confirmed flag in the same
+    run scored robust z 12-13 (+34 to +37 logits, the clean update -3.4), and constrain-and-scale attackers on digits
+    robust z ~7 with lifts under the look-back's 6-logit bound (docs/audit.md). The version is still not served."""
+    bound = UNCONFIRMED_Z if z_bound is None else float(z_bound)
+    table = outcome.attribution or {}
+    robust_z, reasons = table.get("robust_z") or {}, table.get("reasons") or {}
+
+    def strong(member: Any) -> bool:
+        z = robust_z.get(str(member))
+        return (z is not None and z >= bound) or "absolute" in reasons.get(str(member), [])
+
+    return replace(outcome, attributed=[m for m in outcome.attributed if strong(m)],
+                   suspected=[*outcome.suspected, *(m for m in outcome.attributed if not strong(m))])
 
 
 def beyond_clean_update(result) -> list[Any]:

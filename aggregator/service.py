@@ -50,7 +50,7 @@ from prometheus_client.registry import Collector
 
 from aggregator.audit import ReversedTrigger, ScreenResult
 from aggregator.auditing import (FLAGGED, LOOKBACK_WINDOWS, REMEMBERED_TRIGGERS, VERDICTS, AuditOutcome, Auditor,
-                                 PastWindow, carried_over, reference_norms, served_audits)
+                                 PastWindow, carried_over, reference_norms, served_audits, unconfirmed)
 from aggregator.combine import ConfiguredRule, WindowInputs, noise_generator, server_update
 from aggregator.evaluation import Evaluator, declare_backdoors, observe_backdoors, parse_backdoors
 from aggregator.evaluation import export as export_metrics
@@ -182,6 +182,14 @@ def observe_version(meta: dict[str, Any], parent_meta: dict[str, Any] | None, ou
     if parent_meta is not None:
         VERSION_ACCURACY_DROP.observe(accuracy_drop(parent_meta["metrics"], meta["metrics"]))
     observe_backdoors(meta["metrics"])
+
+
+def unconfirmed_note(audit: AuditOutcome) -> str:
+    """What an event says of a flag's suspects (:func:`aggregator.auditing.unconfirmed`), or nothing."""
+    if not audit.suspected:
+        return ""
+    return (f" (suspected {', '.join(map(str, audit.suspected))}, not quarantined: weak attribution, and the "
+            f"look-back found no update pushing the trigger beyond clean training)")
 
 
 def observe_audit(audit: AuditOutcome) -> None:
@@ -342,11 +350,14 @@ class AggregatorService:
             if audit.trigger is not None:
                 flagged = PastWindow(current.version + 1, current.params,
                                      {m["device_id"]: deltas[i] for i, m in enumerate(accepted)})
-                served, audit_meta["look_back"] = self._look_back(audit, window, current, flagged)
-                if audit_meta["look_back"].get("screened"):  # confirmed (Auditor.look_back): remember it
+                served, look_back = self._look_back(audit, window, current, flagged)
+                if look_back.get("screened"):  # confirmed (Auditor.look_back): remember it
                     self.store.save_trigger(current.version + 1, audit.trigger.target, audit.trigger.mask,
                                             audit.trigger.pattern)
                     self.auditor.remember(current.version + 1, audit.trigger)
+                else:  # nobody pushes it beyond clean training: only strong attributions stand
+                    audit = unconfirmed(audit)
+                audit_meta = {**audit_meta, **audit.to_meta(), "look_back": look_back}
             result_info["params_from"] = served.version
             result_info["withheld"] = (f"the audit flagged class {audit.flagged_class} of the candidate: parameters "
                                        f"of version {served.version} carried into version {current.version + 1}")
@@ -494,10 +505,12 @@ class AggregatorService:
             "type": "audit_flagged", "device_id": None, "model_id": self.settings.model_id,
             "version": version, "window_id": window["window_id"], "flagged_class": audit.flagged_class,
             "reasons": scores.get("reasons", []), "max_anomaly_index": scores.get("max_anomaly_index"),
-            "attributed": [str(d) for d in audit.attributed], "params_from": served_from,
+            "attributed": [str(d) for d in audit.attributed], "suspected": [str(d) for d in audit.suspected],
+            "params_from": served_from,
             "at": time.time(), "detail": f"version {version} not served: the audit flagged class "
             f"{audit.flagged_class} ({', '.join(scores.get('reasons', []))}); attributed to "
-            f"{', '.join(map(str, audit.attributed)) or 'nobody'}; parameters of version {served_from}"}])
+            f"{', '.join(map(str, audit.attributed)) or 'nobody'}"
+            f"{unconfirmed_note(audit)}; parameters of version {served_from}"}])
         log.warning("audit flagged the candidate of version %d (class %s, %s): not served (parameters of version "
                     "%d)", version, audit.flagged_class, ", ".join(scores.get("reasons", [])), served_from)
 

@@ -49,7 +49,8 @@ CLEAN = "none"
 ROUND_FIELDS = ("round", "main_accuracy", "backdoor_accuracy", "malicious", "honest", "flagged_malicious",
                 "flagged_honest", "rejected_malicious", "rejected_honest", "refused_malicious", "refused_honest",
                 "quarantined_malicious", "quarantined_honest", "admitted", "skipped", "audit", "served",
-                "attributed_malicious", "attributed_honest", "candidate_backdoor_accuracy")
+                "attributed_malicious", "attributed_honest", "suspected_malicious", "suspected_honest",
+                "candidate_backdoor_accuracy")
 #: (key in a cell, label) of the summary metrics, mean and std over seeds
 METRICS = (("final_main_accuracy", "final main acc."), ("max_backdoor_accuracy", "max backdoor acc."),
            ("final_backdoor_accuracy", "final backdoor acc."), ("tp", "detection TP"), ("fp", "detection FP"),

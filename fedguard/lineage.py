@@ -77,7 +77,8 @@ def _row(meta: dict[str, Any], has_weights: bool) -> dict[str, Any]:
     note = {"rollback": lambda: f"rollback to {info['rollback'].get('to')} by {info['rollback'].get('by')}"
                                 f"{': ' + info['rollback']['reason'] if info['rollback'].get('reason') else ''}",
             "failed": lambda: info.get("failed", ""), "rule_skipped": lambda: info.get("skipped", ""),
-            "flagged": lambda: "attributed: " + (", ".join(audit.get("attributed") or []) or "nobody")
+            "flagged": lambda: "attributed: " + (", ".join(audit.get("attributed") or []) or "nobody") + (
+                f" (suspected, unconfirmed: {', '.join(audit['suspected'])})" if audit.get("suspected") else "")
             }.get(outcome, lambda: audit.get("why", "") if audit.get("verdict") == "clean" else "")()
     # the remembered triggers' work (docs/audit.md): found in earlier windows by a flag's look-back, screened out
     found = sorted((audit.get("look_back") or {}).get("screened") or {})

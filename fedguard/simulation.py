@@ -52,7 +52,8 @@ the round), ``refused_*`` (updates refused before the window: a second update of
 ``votes_honest`` (members each detector voted against; ``low_trust`` too), ``loss``, ``devices`` (the window's
 members in arrival order), ``quarantined_now`` / ``released_now`` (devices quarantined by this window / released at
 the start of the round)), with the audit on: ``audit`` (verdict), ``audit_class``, ``audit_seconds``,
-``attributed_malicious`` / ``attributed_honest``, ``candidate_backdoor_accuracy`` (of a flagged candidate that was not
+``attributed_malicious`` / ``attributed_honest`` (quarantined), ``suspected_malicious`` / ``suspected_honest``
+(attributed by a flag the look-back did not confirm: not quarantined), ``candidate_backdoor_accuracy`` (of a flagged candidate that was not
 served), ``screened_malicious`` / ``screened_honest`` (members left out: they pushed a remembered trigger),
 ``looked_back_malicious`` / ``looked_back_honest`` (devices a flag's look-back screened in earlier served windows),
 ``rolled_back_to`` (the version whose parameters a flag's look-back served, or None); ``served`` (False: flagged),
@@ -74,7 +75,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.auditing import (FLAGGED, LOOKBACK_WINDOWS, AuditOutcome, Auditor, PastWindow, carried_over,
-                                 reference_norms)
+                                 reference_norms, unconfirmed)
 from aggregator.combine import ConfiguredRule, WindowInputs, noise_generator, server_update
 from aggregator.evaluation import Evaluator, parse_backdoors
 from aggregator.rules import PreconditionError
@@ -384,10 +385,11 @@ class _Simulation:
 
     def audit(self, parent: np.ndarray, version: int, skipped: str | None) -> AuditOutcome | None:
         """``AggregatorService``'s audit of the candidate (``self.params``, version ``version + 1``): a flagged
-        candidate is not served, the attributed devices are quarantined, and the flagged window and the served
-        windows before it are screened with its trigger (``Auditor.look_back``): whoever it finds is quarantined,
-        the trigger is remembered only if it found someone, and the parameters served are those of the base of the
-        oldest served window that held a screened member, else ``parent``'s."""
+        candidate is not served, and the flagged window and the served windows before it are screened with its
+        trigger (``Auditor.look_back``): whoever it finds is quarantined; if it found someone, the attributed devices are
+        quarantined too and the trigger remembered, else only the strongly attributed ones (``unconfirmed``);
+        the parameters served are those of the base of the oldest served window that held a screened member, else
+        ``parent``'s."""
         if self.c.audit == "none":
             return None
         if skipped is not None:
@@ -403,13 +405,15 @@ class _Simulation:
             self.past = [PastWindow(version + 1, parent, members), *self.past][:LOOKBACK_WINDOWS]
         else:
             self.params = parent
-            for device in outcome.attributed:
-                self.quarantine_by_audit(device)
             if outcome.trigger is not None:
                 oldest, culprits = self.auditor.look_back(outcome.trigger, self.past,
                                                           flagged=PastWindow(version + 1, parent, members))
                 if culprits:  # confirmed: someone pushes it far beyond clean training
                     self.auditor.remember(version + 1, outcome.trigger)
+                else:  # only strong attributions stand, the rest are suspected
+                    outcome = unconfirmed(outcome)
+                for device in outcome.attributed:
+                    self.quarantine_by_audit(device)
                 self.looked_back = set(culprits) - set(outcome.attributed)  # (counted once a round)
                 for device in culprits:
                     self.quarantine_by_audit(device)
@@ -490,6 +494,8 @@ class _Simulation:
         return {"audit": audit.verdict, "audit_class": audit.flagged_class, "audit_seconds": audit.seconds,
                 "attributed_malicious": sum(d in self.bad for d in audit.attributed),
                 "attributed_honest": sum(d not in self.bad for d in audit.attributed),
+                "suspected_malicious": sum(d in self.bad for d in audit.suspected),
+                "suspected_honest": sum(d not in self.bad for d in audit.suspected),
                 "candidate_backdoor_accuracy": self.evaluate(candidate)["backdoor_accuracy"] if flagged else None,
                 "screened_malicious": sum(d in self.bad for d in self.screened),
                 "screened_honest": sum(d not in self.bad for d in self.screened),

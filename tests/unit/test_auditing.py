@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from aggregator.auditing import (CLEAN, FLAGGED, SERVER, SKIPPED, AuditOutcome, Auditor, beyond_clean_update,
-                                 carried_over, reference_norms, served_audits, skip_reason)
+                                 carried_over, reference_norms, served_audits, skip_reason, unconfirmed)
 from fedguard.simulation import SimulationConfig, simulate
 from fedguard.tasks import build_model, get_flat_params, load_task, model_spec
 
@@ -50,6 +50,23 @@ def test_outcome_metadata():
     assert clean.flagged_class is None and "attributed" not in clean.to_meta()  # a flag explained away is no flag
     carried = carried_over(7)
     assert carried.verdict == SKIPPED and "version 7" in carried.why and not carried.reference
+
+
+def test_an_unconfirmed_flag_keeps_only_its_strong_attributions():
+    # the two honest devices of the matrix (robust z 3.0, 3.3), an attacker at the bound, one caught by the
+    # absolute test alone; ints as the simulation's ids (the table's keys are strings)
+    table = {"target": 1, "robust_z": {"90": 3.33, "20": 3.02, "7": 4.0, "8": 1.2},
+             "reasons": {"90": ["robust_z"], "20": ["robust_z"], "7": ["robust_z"], "8": ["absolute"]}}
+    flagged = AuditOutcome(FLAGGED, scores={"flagged": 1}, attributed=[90, 20, 7, 8], attribution=table)
+    assert "suspected" not in flagged.to_meta()
+    weak = unconfirmed(flagged)
+    assert (weak.verdict, weak.attributed, weak.suspected, weak.flagged_class) == (FLAGGED, [7, 8], [90, 20], 1)
+    assert weak.to_meta()["attributed"] == ["7", "8"] and weak.to_meta()["suspected"] == ["90", "20"]
+    assert weak.attribution == table and flagged.attributed == [90, 20, 7, 8]  # the original untouched
+    assert unconfirmed(flagged, z_bound=3.0).attributed == [90, 20, 7, 8]
+    assert unconfirmed(flagged, z_bound=5.0).attributed == [8]
+    assert unconfirmed(AuditOutcome(FLAGGED)).to_meta()["attributed"] == []  # nobody attributed: nothing suspected
+    assert "suspected" not in unconfirmed(AuditOutcome(FLAGGED)).to_meta()
 
 
 def test_the_reference_follows_the_served_lineage_and_skips_what_was_not_served():
@@ -108,6 +125,9 @@ def test_the_simulation_runs_the_audit_and_its_response():
         assert (r["main_accuracy"], r["backdoor_accuracy"]) == (before["main_accuracy"], before["backdoor_accuracy"])
         assert r["candidate_backdoor_accuracy"] > r["backdoor_accuracy"] and not r["served"]
         assert r["attributed_honest"] == 0 and r["looked_back_honest"] == 0
+        # attributed (quarantined) only by a flag the look-back confirmed
+        if r["attributed_malicious"]:
+            assert r["suspected_malicious"] == r["suspected_honest"] == 0
     assert sum(r["screened_honest"] for r in rounds) == 0
     first = flagged[0]
     assert first["attributed_malicious"] >= 1 and first["audit_class"] == 0
@@ -277,3 +297,10 @@ def test_look_back_screens_the_flagged_window_too_without_rolling_back_past_it(d
     assert oldest is tainted[0] and culprits == {"dev-bad": [10], "dev-old": [9]}
     # a false alarm: nobody in the flagged window or before it pushes the trigger: nothing to remember
     assert auditor.look_back(digits.trigger, served, PastWindow(10, digits.parent, digits.honest)) == (None, {})
+
+
+def test_the_flag_event_names_the_suspects_and_why_they_are_not_quarantined():
+    from aggregator.service import unconfirmed_note
+    assert unconfirmed_note(AuditOutcome(FLAGGED, attributed=["dev-0001"])) == ""
+    note = unconfirmed_note(AuditOutcome(FLAGGED, suspected=["dev-0090", "dev-0020"]))
+    assert note.startswith(" (suspected dev-0090, dev-0020, not quarantined: weak attribution")

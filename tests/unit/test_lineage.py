@@ -81,7 +81,11 @@ def test_the_remembered_triggers_work_is_in_the_note(tmp_path):
         "verdict": "flagged", "scores": {"flagged": 0}, "attributed": ["dev-0002"],
         "look_back": {"windows": [0], "screened": {"dev-0009": [0], "dev-0004": [0]}, "served_from": 0}}))
     store.save(2, p, meta(2, audit={"verdict": "clean", "screened": {"screened": ["dev-0011"], "triggers": []}}))
+    store.save(3, p, meta(3, rule_info={"params_from": 2}, audit={
+        "verdict": "flagged", "scores": {"flagged": 1}, "attributed": [], "suspected": ["dev-0007"],
+        "look_back": {"windows": [2], "screened": {}, "served_from": 2}}))
     rows = lineage(store)
+    assert rows[3]["note"] == "attributed: nobody (suspected, unconfirmed: dev-0007)" and rows[3]["look_back"] == []
     assert rows[1]["look_back"] == ["dev-0004", "dev-0009"] and rows[2]["screened"] == ["dev-0011"]
     assert rows[1]["note"] == "attributed: dev-0002; look-back: dev-0004, dev-0009"
     assert rows[2]["note"] == "screened out: dev-0011"
