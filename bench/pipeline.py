@@ -84,6 +84,7 @@ from producers.keystore import Keystore  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
 
 TASK = "fashion-mnist"
+PRETRAIN_EPOCHS = 1  # the first latency window trains the model (trained_delta)
 HIDDEN = "126"  # FEDGUARD_MODEL_HIDDEN: the MLP 784-126-10 has 100,180 parameters, the issue's d = 100k
 DEVICES = 1024
 TARGET_ONE_WORKER = 0.5  # of the floor
@@ -435,9 +436,9 @@ async def profiled_submit(self, events):
         profiler.enable()
     return await submit(self, events)
 
-async def profiled_finish(self, events, accepted, since):
+async def profiled_finish(self, events, *args, **kwargs):
     try:
-        return await finish(self, events, accepted, since)
+        return await finish(self, events, *args, **kwargs)
     finally:
         finished[0] += len(events)
         if finished[0] >= expected:
@@ -572,11 +573,11 @@ def instrument(service, timer: StepTimer) -> None:
     service.handle_window = timer.finish(service.handle_window)
 
 
-def publish_valid_updates(settings: Settings, members: int, num_params: int,
-                          base_version: int) -> list[dict[str, Any]]:
-    """``members`` validated updates as the validator leaves them: each tensor (distinct, of honest size) in the
-    update store and its record on ``fl.updates.valid``; returns their index entries (what the window stage seats),
-    with where each landed and its tensor's reference."""
+def publish_valid_updates(settings: Settings, members: int, num_params: int, base_version: int,
+                          offset: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """``members`` validated updates as the validator leaves them: each tensor (distinct, of honest size, plus
+    ``offset`` if given) in the update store and its record on ``fl.updates.valid``; returns their index entries
+    (what the window stage seats), with where each landed and its tensor's reference."""
     rng, store = np.random.default_rng(0), UpdateStore(settings.update_store_dir)
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=FETCH_BYTES,
                              client_id="fedguard-bench-valid")
@@ -585,6 +586,8 @@ def publish_valid_updates(settings: Settings, members: int, num_params: int,
         for i in range(members):
             device = f"dev-{i:04d}"
             tensor = rng.normal(0, 1e-3, num_params).astype(np.float32)
+            if offset is not None:
+                tensor += offset
             norm = float(np.linalg.norm(tensor))
             ref = store.put(settings.model_id, base_version, device, tensor)
             meta = {"update_id": uuid.uuid4().hex, "device_id": device, "model_id": settings.model_id,
@@ -625,10 +628,26 @@ def wait_for_version(watcher: KafkaConsumer, version: int, thread: threading.Thr
     raise BenchError(f"version {version} did not appear on fl.models within {STALL_S:.0f}s")
 
 
+def trained_delta(params: np.ndarray) -> np.ndarray:
+    """The update that trains the bench's model from ``params`` for ``PRETRAIN_EPOCHS`` epochs on the task's
+    training set (the task's tuned local training otherwise), so that the windows after the first are audited on a
+    trained model, as in a running deployment (the audit of an untrained model runs to its time budget)."""
+    from fedguard.tasks import DEFAULT_TRAINING, build_model, get_flat_params, load_task, local_train, set_flat_params
+
+    task = load_task(TASK, seed=0)
+    model = build_model(model_spec(task, Settings(model_hidden=HIDDEN).hidden_widths()))
+    set_flat_params(model, params)
+    hp = DEFAULT_TRAINING[TASK]
+    local_train(model, task.x_train, task.y_train, epochs=PRETRAIN_EPOCHS, lr=hp["lr"], batch_size=hp["batch_size"],
+                momentum=hp.get("momentum", 0.0), seed=0)
+    return get_flat_params(model) - np.asarray(params, dtype=np.float32)
+
+
 def window_latency(bootstrap: str, redis_url: str, data_dir: Path, members: int, repeat: int) -> list[dict]:
     """Window -> version ``repeat`` + 1 times: send a window of ``members`` members, read its version on fl.models.
     The first window also waits for the aggregator's group join on fl.windows (start-up, not steady state): it is
-    returned first, and reported apart."""
+    returned first, and reported apart. Its members carry :func:`trained_delta` (plus their noise), so every later
+    window is aggregated and audited on a trained model."""
     from aggregator.service import AggregatorService
     from fedguard.tasks import configure_torch
 
@@ -655,9 +674,11 @@ def window_latency(bootstrap: str, redis_url: str, data_dir: Path, members: int,
     try:
         thread.start()
         base = wait_for_version(watcher, 0, thread, failure)["version"]
-        for _ in tqdm(range(repeat + 1), desc="window -> version", unit="window", leave=False):
+        pretrain = trained_delta(service.current.params)
+        for i in tqdm(range(repeat + 1), desc="window -> version", unit="window", leave=False):
             # The members of each window are validated updates on its base version (retention deletes older ones).
-            window = window_of(settings, publish_valid_updates(settings, members, num_params, base), base)
+            window = window_of(settings, publish_valid_updates(settings, members, num_params, base,
+                                                               pretrain if i == 0 else None), base)
             started = time.perf_counter()
             producer.send(settings.topics.windows, key=settings.model_id.encode(),
                           value=records.dumps(window)).get(timeout=60)
@@ -946,7 +967,10 @@ def reading_notes(measured: dict[str, Any], args: argparse.Namespace) -> list[st
         "the test set with the default backdoor check) in a thread of this script, on valid records in the "
         "validator's format (tensors in the update store, `fedguard/updatestore.py`; JSON records naming them) and "
         "window records built by `processors.windows.window_record`, every member accepted with weight 1. The split "
-        "is timed around the service's own calls.",
+        "is timed around the service's own calls. The first window's members carry the update that trains the "
+        f"model for {PRETRAIN_EPOCHS} epoch(s) on the training set (plus their noise), so the timed windows are "
+        "aggregated and audited on a trained model, as in a running deployment; the members of the timed windows "
+        "are noise of honest size around it (N(0, 1e-3) per coordinate).",
     ]
     if problems:
         notes.append(f"* **Runs without a timed part**: {'; '.join(problems)}.")
