@@ -4,7 +4,10 @@
 #   1. the default defence (norm_clip + the detection ensemble) with the model audit, as `fedguard up` runs it,
 #      x every attack of the library and the clean baseline, seeds 0, 1 and 2;
 #   2. the same without the audit (what the per-window defences alone do);
-#   3. every rule, with the default detection and without, x every attack, seed 0 (audit off: the rules compared).
+#   3. every rule, with the default detection and without, x every attack, seed 0 (audit off: the rules compared);
+#   4. the anchor as the paper sets it: single-shot model replacement injected into a converged model (round 20;
+#      Bagdasaryan et al. 2020, Sec. 4: the honest deltas roughly cancel once the global model has converged, at
+#      round 5 they do not), against fedavg without detection and against the default defence with the audit.
 # Fashion-MNIST, 20% compromised devices from round 5, 30 rounds. `python bench/eval_report.py` then writes
 # bench/results/eval.md (the targets of issue 10 against these runs).
 set -euo pipefail
@@ -24,3 +27,8 @@ python -m fedguard.cli eval "${COMMON[@]}" --rules norm_clip --detection ensembl
     --out bench/results/eval-default "$@"
 python -m fedguard.cli eval "${COMMON[@]}" --rules "$RULES" --rule-params "$PARAMS" --detection ensemble,none \
     --seeds 0 --out bench/results/eval "$@"
+ANCHOR=(--task fashion-mnist --rounds 30 --fractions 0.2 --attacks model_replacement --attack-start 20 --seeds 0,1,2
+        --workers "$WORKERS")
+python -m fedguard.cli eval "${ANCHOR[@]}" --rules fedavg --detection none --out bench/results/eval-anchor "$@"
+python -m fedguard.cli eval "${ANCHOR[@]}" --rules norm_clip --detection ensemble --audit neural_cleanse \
+    --out bench/results/eval-anchor-default "$@"

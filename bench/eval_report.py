@@ -1,7 +1,7 @@
 """Issue 10's targets against the committed matrix: writes ``bench/results/eval.md``.
 
 Reads the cells ``bench/eval.sh`` wrote (``<dir>/cells/*.json``, so a partial run reports what it has) in three
-directories: ``eval-default-audit`` (norm_clip + ensemble + the model audit: the default configuration of
+directories (and the anchor's two): ``eval-default-audit`` (norm_clip + ensemble + the model audit: the default configuration of
 ``fedguard up``, seeds 0-2), ``eval-default`` (the same without the audit) and ``eval`` (every rule, with and
 without detection, seed 0). Each target of issue 10, item 5, is checked on the runs it names:
 
@@ -41,7 +41,10 @@ MAX_MAIN_DROP = 0.01
 MIN_CLEAN_SHARE = 0.95
 MAX_FP = 0.01
 MIN_TP = 0.95
-DIRS = {"audit": "eval-default-audit", "default": "eval-default", "matrix": "eval"}
+DIRS = {"audit": "eval-default-audit", "default": "eval-default", "matrix": "eval", "anchor": "eval-anchor",
+        "anchor_default": "eval-anchor-default"}
+#: the round bench/eval.sh's anchor run injects model replacement (a converged model, as in the paper)
+ANCHOR_ROUND = 20
 
 
 def load_cells(directory: Path) -> list[dict[str, Any]]:
@@ -63,12 +66,29 @@ def max_backdoor(cell: dict[str, Any]) -> float | None:
     return max(vals) if vals else None
 
 
-def anchor(matrix: list[dict[str, Any]]) -> dict[str, Any]:
-    cells = pick(matrix, rule="fedavg", detection="none", attack="model_replacement")
+def _max_backdoors(cells: list[dict[str, Any]]) -> str:
+    return ", ".join(f"seed {c['seed']}: {pct(max_backdoor(c))}" for c in cells) or "not run yet"
+
+
+def anchor(matrix: list[dict[str, Any]], anchor_cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Met on the anchor run (injected into a converged model, as the paper does); the matrix's injection at round 5
+    is shown beside it."""
+    early = pick(matrix, rule="fedavg", detection="none", attack="model_replacement")
+    cells = pick(anchor_cells, rule="fedavg", detection="none", attack="model_replacement")
     got = [max_backdoor(c) for c in cells]
-    measured = ", ".join(f"seed {c['seed']}: {pct(b)}" for c, b in zip(cells, got)) or "not run yet"
     return {"target": "fedavg + single-shot model replacement reaches >= 90 % backdoor accuracy",
-            "measured": measured, "met": bool(got) and all(b is not None and b >= 0.9 for b in got)}
+            "measured": f"injected at round {ANCHOR_ROUND} (converged): {_max_backdoors(cells)}; at round 5 (the "
+                        f"matrix, still learning): {_max_backdoors(early)}",
+            "met": bool(got) and all(b is not None and b >= 0.9 for b in got)}
+
+
+def anchor_defended(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """The default defence with the audit against the anchor's attack: backdoor <= 5 % at every round."""
+    got = [max_backdoor(c) for c in cells]
+    return {"target": f"default defence with the audit: backdoor <= 5 % at every round under the anchor's attack "
+                      f"(model replacement at round {ANCHOR_ROUND})",
+            "measured": _max_backdoors(cells) if cells else "not run yet",
+            "met": bool(got) and all(b is not None and b <= MAX_BACKDOOR for b in got)}
 
 
 def clean_fedavg(matrix: list[dict[str, Any]]) -> float | None:
@@ -135,7 +155,7 @@ def detection_targets(default: list[dict[str, Any]], label: str) -> list[dict[st
 def report(results_dir: Path) -> dict[str, Any]:
     cells = {name: load_cells(results_dir / d) for name, d in DIRS.items()}
     clean = clean_fedavg(cells["matrix"])
-    targets = [anchor(cells["matrix"])]
+    targets = [anchor(cells["matrix"], cells["anchor"]), anchor_defended(cells["anchor_default"])]
     for name, label in (("audit", "default defence with the audit"), ("default", "default defence, audit off")):
         targets += [backdoor_target(cells[name], clean, label), robustness_target(cells[name], clean, label)]
     targets += detection_targets(cells["audit"], "default defence with the audit")
@@ -146,7 +166,7 @@ def render(rep: dict[str, Any]) -> str:
     counts = rep["counts"]
     lines = [
         "# The attack x defence matrix (issue 10)", "",
-        "Produced by `bash bench/eval.sh` (three resumable `fedguard eval` runs; see the script) and "
+        "Produced by `bash bench/eval.sh` (resumable `fedguard eval` runs; see the script) and "
         "`python bench/eval_report.py`. Fashion-MNIST, 100 devices, 10 per round, Dirichlet(0.9), 20 % compromised "
         "from round 5, 30 rounds, every attack of the library with its default parameters.", "",
         "| run | directory | cells finished |", "|---|---|---:|",
@@ -154,6 +174,10 @@ def render(rep: dict[str, Any]) -> str:
         f"{counts['audit']} of 42 |",
         f"| default defence, audit off, seeds 0-2 | `{DIRS['default']}/` | {counts['default']} of 42 |",
         f"| every rule x detection on/off, audit off, seed 0 | `{DIRS['matrix']}/` | {counts['matrix']} of 364 |",
+        f"| the anchor: fedavg, no detection, model replacement at round {ANCHOR_ROUND}, seeds 0-2 | "
+        f"`{DIRS['anchor']}/` | {counts['anchor']} of 3 |",
+        f"| the default defence + audit against the anchor's attack, seeds 0-2 | `{DIRS['anchor_default']}/` | "
+        f"{counts['anchor_default']} of 3 |",
         "",
         "Each directory's `results.md` has the full table (final main accuracy, maximum and final backdoor accuracy, "
         "detection rates, mean ± sd over seeds) and its heat maps and per-cell curves (written when its run "

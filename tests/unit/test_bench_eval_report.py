@@ -25,14 +25,26 @@ def cell(rule="norm_clip", detection="ensemble", attack="none", seed=0, main=0.8
                                 "flagged_malicious": flagged_malicious}}
 
 
-def test_anchor_needs_every_seed_at_ninety_percent(er):
-    assert er.anchor([])["met"] is False and er.anchor([])["measured"] == "not run yet"
+def test_anchor_needs_every_seed_at_ninety_percent_in_the_anchor_run(er):
+    assert er.anchor([], [])["met"] is False
+    assert er.anchor([], [])["measured"] == "injected at round 20 (converged): not run yet; at round 5 (the matrix, " \
+        "still learning): not run yet"
     hit = cell(rule="fedavg", detection="none", attack="model_replacement", backdoor=(0.02, 0.97, 0.5))
-    assert er.anchor([hit])["met"] is True
+    assert er.anchor([], [hit])["met"] is True
+    assert er.anchor([hit], [])["met"] is False  # the matrix's early injection is shown, not counted
+    assert "round 5 (the matrix, still learning): seed 0: 97.0 %" in er.anchor([hit], [])["measured"]
     miss = dict(hit, seed=1, rounds=[{"round": 1, "backdoor_accuracy": 0.89}])
-    assert er.anchor([hit, miss])["met"] is False
+    assert er.anchor([], [hit, miss])["met"] is False
     # the defended cells do not count for the anchor
-    assert er.anchor([dict(hit, detection="ensemble")])["met"] is False
+    assert er.anchor([], [dict(hit, detection="ensemble")])["met"] is False
+
+
+def test_the_default_defence_against_the_anchor_needs_every_round_of_every_seed_at_most_five_percent(er):
+    assert er.anchor_defended([])["met"] is False and er.anchor_defended([])["measured"] == "not run yet"
+    held = cell(attack="model_replacement", backdoor=(0.02, 0.05, 0.01))
+    assert er.anchor_defended([held])["met"] is True
+    assert er.anchor_defended([held, dict(held, seed=1, rounds=[{"round": 1, "backdoor_accuracy": 0.051}])])[
+        "met"] is False
 
 
 def test_backdoor_target_takes_the_worst_round_of_every_seed_and_the_main_drop(er):
@@ -76,8 +88,10 @@ def test_report_reads_the_cell_files_and_renders(er, tmp_path):
         (tmp_path / d / "cells").mkdir(parents=True, exist_ok=True)
         (tmp_path / d / "cells" / f"{c['rule']}_{c['detection']}_{c['attack']}.json").write_text(json.dumps(c))
     rep = er.report(tmp_path)
-    assert rep["counts"] == {"audit": 1, "default": 0, "matrix": 2} and rep["clean_fedavg"] == 0.86
-    assert rep["targets"][0]["met"] is True
+    assert rep["counts"] == {"audit": 1, "default": 0, "matrix": 2, "anchor": 0, "anchor_default": 0}
+    assert rep["clean_fedavg"] == 0.86
+    assert rep["targets"][0]["met"] is False  # the anchor run is missing; the matrix's cell is only shown
+    assert "round 5 (the matrix, still learning): seed 0: 99.0 %" in rep["targets"][0]["measured"]
     text = er.render(rep)
     assert "| `eval/` | 2 of 364 |" in text and "**NOT met**" in text
     er.main(["--results", str(tmp_path), "--out", str(tmp_path / "eval.md")])
