@@ -61,14 +61,32 @@ def warm_up(settings, running, task, spec) -> np.ndarray:
     return running.service.current.params
 
 
-def test_a_backdoored_candidate_is_flagged_not_served_and_its_device_quarantined(settings):
+def digits_world(settings, devices: int):
+    """The audit tests' set-up: digits with FedAvg and one warm-up version, topics, ``devices`` enrolled devices
+    and their shards. Returns (settings, task, spec, shards)."""
     settings = settings.with_overrides(task="digits", rule="fedavg", audit_warmup_versions=1)
-    assert settings.audit == "neural_cleanse"
     create_topics(settings)
-    enroll(settings, 10)
+    enroll(settings, devices)
     task = load_task("digits", seed=settings.seed)
-    spec = model_spec(task)
-    shards = fleet_shards(task.y_train, 10, settings.dirichlet_alpha, settings.seed)
+    shards = fleet_shards(task.y_train, devices, settings.dirichlet_alpha, settings.seed)
+    return settings, task, model_spec(task), shards
+
+
+def crafted(kind: str, task, spec, shards, device: int, base: np.ndarray, version: int, seed: int) -> np.ndarray:
+    """The attack library's update of ``kind`` for ``device`` from ``base`` (a window of ATTACKER + 1 members)."""
+    ctx = AttackContext(base=base, version=version, round_index=0, devices=[device],
+                        honest_delta=lambda i: (trained_delta(task, spec, base, task.x_train[shards[i]],
+                                                              task.y_train[shards[i]], seed=i), len(shards[i])),
+                        shard=lambda i: (task.x_train[shards[i]], task.y_train[shards[i]]), task=task,
+                        model=build_model(spec), training=dict(DEFAULT_TRAINING[task.name]),
+                        window_size=ATTACKER + 1, rng=np.random.default_rng(seed))
+    (delta, _), = craft_round(kind, {}, ctx)[device]
+    return delta
+
+
+def test_a_backdoored_candidate_is_flagged_not_served_and_its_device_quarantined(settings):
+    settings, task, spec, shards = digits_world(settings, 10)
+    assert settings.audit == "neural_cleanse"
     flagged_before, attributed_before = (sample("fedguard_audit_verdicts_total", verdict="flagged"),
                                          sample("fedguard_audit_attributed_total"))
     with Running(settings) as running:
@@ -77,13 +95,7 @@ def test_a_backdoored_candidate_is_flagged_not_served_and_its_device_quarantined
         # window 2: 8 honest members and one model-replacement backdoor (Bagdasaryan et al. 2020)
         honest = [trained_delta(task, spec, v1, task.x_train[shards[i]], task.y_train[shards[i]], seed=i)
                   for i in range(ATTACKER)]
-        ctx = AttackContext(base=v1, version=1, round_index=0, devices=[ATTACKER],
-                            honest_delta=lambda i: (trained_delta(task, spec, v1, task.x_train[shards[i]],
-                                                                  task.y_train[shards[i]], seed=i), len(shards[i])),
-                            shard=lambda i: (task.x_train[shards[i]], task.y_train[shards[i]]), task=task,
-                            model=build_model(spec), training=dict(DEFAULT_TRAINING[task.name]),
-                            window_size=ATTACKER + 1, rng=np.random.default_rng(7))
-        (backdoor, _), = craft_round("model_replacement", {}, ctx)[ATTACKER]
+        backdoor = crafted("model_replacement", task, spec, shards, ATTACKER, v1, 1, 7)
         send_windows(settings, window(settings, 1, store_updates(settings, [*honest, backdoor], 1, "w2"), "w2"))
         running.until_version(2)
         # window 3: honest again, served on top of the last served parameters
@@ -209,12 +221,7 @@ def test_after_a_flag_a_new_attacker_is_screened_out_also_after_a_restart(settin
     screens a third attacker (dev-0010) in window 4. (A constrain-and-scale attacker scaled to the median honest
     norm is not screened here: on digits it lifts the trigger 3.8 logits more than the clean update, under the
     6-logit min_lift measured on Fashion-MNIST, although its robust z is 7.)"""
-    settings = settings.with_overrides(task="digits", rule="fedavg", audit_warmup_versions=1)
-    create_topics(settings)
-    enroll(settings, 11)
-    task = load_task("digits", seed=settings.seed)
-    spec = model_spec(task)
-    shards = fleet_shards(task.y_train, 11, settings.dirichlet_alpha, settings.seed)
+    settings, task, spec, shards = digits_world(settings, 11)
     honest_ids = [f"dev-{i:04d}" for i in range(ATTACKER)]
 
     def honest_window(base: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -222,14 +229,7 @@ def test_after_a_flag_a_new_attacker_is_screened_out_also_after_a_restart(settin
                 for i, d in enumerate(honest_ids)}
 
     def attack(kind: str, device: int, base: np.ndarray, version: int, seed: int) -> np.ndarray:
-        ctx = AttackContext(base=base, version=version, round_index=0, devices=[device],
-                            honest_delta=lambda i: (trained_delta(task, spec, base, task.x_train[shards[i]],
-                                                                  task.y_train[shards[i]], seed=i), len(shards[i])),
-                            shard=lambda i: (task.x_train[shards[i]], task.y_train[shards[i]]), task=task,
-                            model=build_model(spec), training=dict(DEFAULT_TRAINING[task.name]),
-                            window_size=ATTACKER + 1, rng=np.random.default_rng(seed))
-        (delta, _), = craft_round(kind, {}, ctx)[device]
-        return delta
+        return crafted(kind, task, spec, shards, device, base, version, seed)
 
     screened_before, look_back_before = (sample("fedguard_audit_screened_total", how="screened"),
                                          sample("fedguard_audit_screened_total", how="look_back"))
@@ -311,24 +311,14 @@ def test_a_flag_the_look_back_does_not_confirm_still_quarantines_a_strongly_attr
     sends most triggered inputs to the target (the absolute test): strong evidence, so it is still quarantined; the
     honest members, attributed by nobody, are untouched; the trigger is not remembered (nothing confirmed it).
     (:func:`aggregator.auditing.unconfirmed` on weak evidence: tests/unit/test_auditing.py.)"""
-    settings = settings.with_overrides(task="digits", rule="fedavg", audit_warmup_versions=1)
-    create_topics(settings)
-    enroll(settings, 10)
-    task = load_task("digits", seed=settings.seed)
-    spec = model_spec(task)
-    shards = fleet_shards(task.y_train, 10, settings.dirichlet_alpha, settings.seed)
+    settings, task, spec, shards = digits_world(settings, 10)
     with Running(settings) as running:
         service = running.service
         service.auditor.look_back = lambda trigger, windows, flagged=None: (None, {})
         v1 = warm_up(settings, running, task, spec)
         honest = [trained_delta(task, spec, v1, task.x_train[shards[i]], task.y_train[shards[i]], seed=i)
                   for i in range(ATTACKER)]
-        ctx = AttackContext(base=v1, version=1, round_index=0, devices=[ATTACKER],
-                            honest_delta=lambda i: (honest[i], len(shards[i])),
-                            shard=lambda i: (task.x_train[shards[i]], task.y_train[shards[i]]), task=task,
-                            model=build_model(spec), training=dict(DEFAULT_TRAINING[task.name]),
-                            window_size=ATTACKER + 1, rng=np.random.default_rng(7))
-        (backdoor, _), = craft_round("model_replacement", {}, ctx)[ATTACKER]
+        backdoor = crafted("model_replacement", task, spec, shards, ATTACKER, v1, 1, 7)
         send_windows(settings, window(settings, 1, store_updates(settings, [*honest, backdoor], 1, "w2"), "w2"))
         running.until_version(2)
     v2 = service.store.load(2)
