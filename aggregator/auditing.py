@@ -94,8 +94,8 @@ MAX_LINEAGE_STEPS = 200
 class AuditOutcome:
     """What the audit decided about one candidate. ``attributed``: the members (their ids as given) the flagged
     version is attributed to, in input order; ``suspected``: those attributed on weak evidence by a flag the
-    look-back did not confirm (:func:`unconfirmed`: not quarantined); ``attribution``: :meth:`AttributionResult.to_dict` (all
-    members' scores), None unless flagged."""
+    look-back did not confirm (:func:`unconfirmed`: not quarantined); ``attribution``:
+    :meth:`AttributionResult.to_dict` (all members' scores), None unless flagged."""
 
     verdict: str
     why: str | None = None

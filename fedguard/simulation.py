@@ -53,8 +53,8 @@ the round), ``refused_*`` (updates refused before the window: a second update of
 members in arrival order), ``quarantined_now`` / ``released_now`` (devices quarantined by this window / released at
 the start of the round)), with the audit on: ``audit`` (verdict), ``audit_class``, ``audit_seconds``,
 ``attributed_malicious`` / ``attributed_honest`` (quarantined), ``suspected_malicious`` / ``suspected_honest``
-(attributed by a flag the look-back did not confirm: not quarantined), ``candidate_backdoor_accuracy`` (of a flagged candidate that was not
-served), ``screened_malicious`` / ``screened_honest`` (members left out: they pushed a remembered trigger),
+(attributed by a flag the look-back did not confirm: not quarantined), ``candidate_backdoor_accuracy`` (of a
+flagged candidate that was not served), ``screened_malicious`` / ``screened_honest`` (members left out: they pushed a remembered trigger),
 ``looked_back_malicious`` / ``looked_back_honest`` (devices a flag's look-back screened in earlier served windows),
 ``rolled_back_to`` (the version whose parameters a flag's look-back served, or None); ``served`` (False: flagged),
 ``final_main_accuracy``,
@@ -386,9 +386,9 @@ class _Simulation:
     def audit(self, parent: np.ndarray, version: int, skipped: str | None) -> AuditOutcome | None:
         """``AggregatorService``'s audit of the candidate (``self.params``, version ``version + 1``): a flagged
         candidate is not served, and the flagged window and the served windows before it are screened with its
-        trigger (``Auditor.look_back``): whoever it finds is quarantined; if it found someone, the attributed devices are
-        quarantined too and the trigger remembered, else only the strongly attributed ones (``unconfirmed``);
-        the parameters served are those of the base of the oldest served window that held a screened member, else
+        trigger (``Auditor.look_back``): whoever it finds is quarantined; if it found someone, the attributed devices
+        are quarantined too and the trigger remembered, else only the strongly attributed ones (``unconfirmed``); the
+        parameters served are those of the base of the oldest served window that held a screened member, else
         ``parent``'s."""
         if self.c.audit == "none":
             return None
