@@ -256,6 +256,7 @@ class AggregatorService:
             observe_version(meta, None, "initial")
         else:
             log.info("resuming from persisted version %d", current.version)
+        self.redis.set(registry.model_store_key(self.settings), self.store.identity())
         self._publish(current)
         self.windows.subscribe([self.settings.topics.windows])
         return current

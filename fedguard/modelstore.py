@@ -147,6 +147,16 @@ class ModelStore:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
 
+    def identity(self) -> str | None:
+        """This store's id, from version 0's record (its creation time and weights), or ``None`` while it is empty:
+        a store started afresh reuses version numbers, and whoever keys state by version (the window stage's
+        closures, processors/defence.py) tells the two stores apart by this."""
+        versions = self.versions()
+        if not versions:
+            return None
+        initial = self.meta(0) if versions[0] == 0 else {}
+        return hashlib.sha256(f"{initial.get('created_at')!r}:{initial.get('sha256')}".encode()).hexdigest()[:16]
+
     def latest(self) -> ModelVersion | None:
         versions = self.versions()
         return self.load(versions[-1]) if versions else None

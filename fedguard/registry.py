@@ -74,6 +74,13 @@ def model_version_key(settings: Settings) -> str:
     return settings.redis_key("model", settings.model_id, "version")
 
 
+def model_store_key(settings: Settings) -> str:
+    """Which model store the model's versions come from (:meth:`fedguard.modelstore.ModelStore.identity`, set by
+    the aggregator and by ``init``/``up``): a store started afresh reuses version numbers, and so window ids, and the
+    window stage must not take its windows for the earlier store's."""
+    return settings.redis_key("model", settings.model_id, "store")
+
+
 def fleet_hold_key(settings: Settings) -> str:
     """Set by ``fedguard up`` before it recycles the broker: the fleet starts no new round while it exists."""
     return settings.redis_key("fleet", settings.model_id, "hold")

@@ -503,13 +503,21 @@ class WindowStage:
         return window_state, bool(due)
 
     async def close(self, model_id: str, window_state: W.State, base_version: int) -> W.State:
-        """Close the window of ``base_version``: judge its members, publish it on ``fl.windows`` and its events."""
+        """Close the window of ``base_version``: judge its members, publish it on ``fl.windows`` and its events. A
+        window closed before (by a worker killed before its table held the closure) is sent as it was then."""
         window_state, window = W.take_window(window_state, base_version)
         window_id = f"{model_id}:{base_version}"
         started = time.perf_counter()
-        judged = await self.defence().judge(window_id, window["members"])
-        record = W.window_record(window, judged.members, judged.stats, model_id=model_id, base_version=base_version,
-                                 now=time.time(), size=self.settings.window_size)
+        defence = self.defence()
+        earlier = await defence.earlier_closure(window_id)
+        if earlier is None:
+            judged = await defence.judge(window_id, window["members"])
+            record = W.window_record(window, judged.members, judged.stats, model_id=model_id,
+                                     base_version=base_version, now=time.time(), size=self.settings.window_size)
+            earlier = await defence.earlier_closure(window_id, records.dumps(record).decode())
+        if earlier is not None:
+            await self.resend(window_id, window, records.loads(earlier))
+            return window_state
         await self.windows_topic.send(key=model_id.encode(), value=records.dumps(record), force=True)
         WINDOW_SECONDS.observe(time.perf_counter() - started)
         if not judged.replayed:  # a window judged before a crash was counted then
@@ -519,6 +527,15 @@ class WindowStage:
                  len(record["members"]), record["closed_by"], record["detector"]["rejected"],
                  record["detector"]["downweighted"], " (judged before a restart)" if judged.replayed else "")
         return window_state
+
+    async def resend(self, window_id: str, window: dict, record: dict) -> None:
+        """Send the record of a window's earlier closure again; the members it lacks came too late for it."""
+        await self.windows_topic.send(key=record["model_id"].encode(), value=records.dumps(record), force=True)
+        kept = {m["update_id"] for m in record["members"]}
+        late = [m["update_id"] for m in window["members"] if m["update_id"] not in kept]
+        LATE_UPDATES.inc(len(late))
+        log.warning("window %s had closed before a restart with %d members: its record sent again (%d late: %s)",
+                    window_id, len(kept), len(late), late)
 
     async def publish_events(self, events: list[dict]) -> None:
         for event in events:

@@ -76,6 +76,21 @@ for _, m in ipairs(plan.sadd) do redis.call('SADD', m[1], m[2]) end
 return false
 """
 
+# The closure of a window, durable before its record is sent (issue 12, item 6): a worker killed after it sent a
+# window's record, but before its table's changelog held the closure, has the next owner of the partition re-open
+# the window from the re-delivered index entries and close it again, perhaps with fewer members. The next owner finds
+# the first closure here and sends that record again instead (the aggregator skips a window it applied).
+# KEYS[1]: the model store's id key (fedguard/registry.py; '-' when unset). ARGV[1]: the closures' key prefix,
+# ARGV[2]: the window id, ARGV[3]: the window's record (JSON), or '' only to look, ARGV[4]: the TTL in seconds.
+# Returns the record of an earlier closure, or nil when there was none (and ARGV[3], if given, is stored now).
+CLOSE_WINDOW_LUA = r"""
+local key = ARGV[1] .. ':' .. (redis.call('GET', KEYS[1]) or '-') .. ':' .. ARGV[2]
+local earlier = redis.call('GET', key)
+if earlier then return earlier end
+if ARGV[3] ~= '' then redis.call('SET', key, ARGV[3], 'EX', tonumber(ARGV[4])) end
+return false
+"""
+
 # Release a device from quarantine if it is still quarantined by reputation. KEYS: reputation hash, device hash, auth
 # key, quarantined set. ARGV: device id, new state JSON, trust, now. Returns 1 if released.
 RELEASE_LUA = r"""
@@ -161,6 +176,7 @@ class WindowDefence:
         self.k = settings.detector_sketch_k
         self._apply = client.register_script(APPLY_WINDOW_LUA)
         self._release = client.register_script(RELEASE_LUA)
+        self._close = client.register_script(CLOSE_WINDOW_LUA)
 
     async def judge(self, window_id: str, members: list[dict[str, Any]], now: float | None = None) -> Judged:
         now = time.time() if now is None else now
@@ -228,6 +244,14 @@ class WindowDefence:
         earlier = await self._apply(keys=[key],
                                     args=[text, WINDOW_RECORD_TTL_S, json.dumps(plan)])
         return judged if earlier is None else _judged_from(earlier)
+
+    async def earlier_closure(self, window_id: str, record: str = "") -> str | None:
+        """The record of the window's earlier closure by this model store's versions, or ``None``: then ``record``
+        (the window's record, JSON), if given, is stored as its closure, atomically with the look."""
+        s = self.settings
+        earlier = await self._close(keys=[registry.model_store_key(s)],
+                                    args=[s.redis_key("window", "closed"), window_id, record, WINDOW_RECORD_TTL_S])
+        return earlier.decode() if isinstance(earlier, bytes) else earlier
 
     async def release_due(self, now: float | None = None) -> list[dict[str, Any]]:
         """Release the devices whose quarantine probation is over; returns their ``released`` events."""

@@ -10,9 +10,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from fedguard import registry
 from fedguard import sketch as sketch_codec
 from fedguard.settings import Settings
-from processors.defence import WindowDefence, reputation_key
+from processors.defence import WINDOW_RECORD_TTL_S, WindowDefence, reputation_key
 
 pytestmark = pytest.mark.integration
 K = 64
@@ -49,5 +50,34 @@ def test_a_window_is_judged_once_and_a_new_window_with_the_same_id_is_judged_ane
     judged, again, fresh = asyncio.run(scenario())
     assert not judged.replayed and again.replayed and again.members == judged.members
     assert not fresh.replayed and len(fresh.members) == 4
+    for key in sync.scan_iter(f"{settings.redis_prefix}:*"):
+        sync.delete(key)
+
+
+def test_a_window_closure_is_kept_per_model_store_and_the_first_one_stays(redis_url):
+    settings = Settings(redis_url=redis_url, redis_prefix=f"fgd-{uuid.uuid4().hex[:8]}", detector_sketch_k=K)
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    async def scenario():
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            defence = WindowDefence(settings, client)
+            seen = [await defence.earlier_closure("m:5")]  # never closed
+            seen.append(await defence.earlier_closure("m:5", '{"members": [1, 2, 3]}'))  # closes it
+            seen.append(await defence.earlier_closure("m:5"))
+            seen.append(await defence.earlier_closure("m:5", '{"members": [3]}'))  # a second closure: refused
+            sync.set(registry.model_store_key(settings), "store-b")  # a model store started afresh
+            seen.append(await defence.earlier_closure("m:5", '{"members": [9]}'))
+            seen.append(await defence.earlier_closure("m:5"))
+            sync.set(registry.model_store_key(settings), "store-c")
+            seen.append(await defence.earlier_closure("m:5"))
+            return seen
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(scenario()) == [None, None, '{"members": [1, 2, 3]}', '{"members": [1, 2, 3]}', None,
+                                       '{"members": [9]}', None]
+    ttl = max(sync.ttl(k) for k in sync.scan_iter(f"{settings.redis_prefix}:window:closed:*"))
+    assert 0 < ttl <= WINDOW_RECORD_TTL_S
     for key in sync.scan_iter(f"{settings.redis_prefix}:*"):
         sync.delete(key)

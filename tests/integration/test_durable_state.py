@@ -122,6 +122,15 @@ def test_the_version_key_is_restored_from_the_model_store_when_missing_or_behind
     assert restore_version_key(settings) == 2 and client.get(key) == "2"
     client.set(key, 5)  # the aggregator is ahead of what this process sees: never lowered
     assert restore_version_key(settings) is None and client.get(key) == "5"
+    # The store's id comes back too (the window stage keys its closures by it), and a store started afresh has
+    # another one.
+    identity = store.identity()
+    assert client.get(registry.model_store_key(settings)) == identity and len(identity) == 16
+    assert identity == ModelStore(settings.models_dir).identity()
+    fresh = ModelStore(settings.data_dir / "fresh-models")
+    assert fresh.identity() is None
+    fresh.save(0, np.zeros(4, np.float32), {"parent": None, "created_at": 1.0})
+    assert fresh.identity() not in (None, identity)
 
 
 def test_the_fleet_samples_only_active_devices_deterministically(settings):

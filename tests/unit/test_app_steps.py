@@ -343,8 +343,16 @@ def test_cancel_leaves_the_finishing_batch_unacked(tmp_path):
 class Defence:
     """A stand-in for detection and reputation: accepts every member."""
 
-    def __init__(self) -> None:
+    def __init__(self, closures: dict[str, str] | None = None) -> None:
         self.judged: list[str] = []
+        self.closures = {} if closures is None else closures  # Redis's closures (tests/integration has the real one)
+
+    async def earlier_closure(self, window_id, record=""):
+        if window_id in self.closures:
+            return self.closures[window_id]
+        if record:
+            self.closures[window_id] = record
+        return None
 
     async def judge(self, window_id, members):
         self.judged.append(window_id)
@@ -352,10 +360,10 @@ class Defence:
                       {"detectors": []}, [{"type": "flagged", "device_id": members[0]["device_id"]}])
 
 
-def stage(size: int = 2):
+def stage(size: int = 2, closures: dict[str, str] | None = None):
     log: list[str] = []
     s = A.WindowStage(Settings(window_size=size, window_deadline_s=10.0), Topic("windows", log), Topic("events", log))
-    s._defence = Defence()
+    s._defence = Defence(closures)
     return s
 
 
@@ -401,6 +409,32 @@ def test_close_due_closes_only_windows_past_their_deadline():
     state, closed = asyncio.run(run())
     assert closed and list(state["open"]) == ["2"] and state["closed_upto"] == 1
     assert records.loads(s.windows_topic.sent[0][1])["closed_by"] == "deadline"
+
+
+def test_a_window_closed_before_a_crash_is_sent_again_as_it_was_and_its_new_members_are_late():
+    """A worker closed window 3 by count and died before its table held the closure: the next owner re-opens the
+    window from re-delivered index entries (and a straggler's), closes it by deadline, and must send the same record,
+    judging and counting nothing again."""
+    closures: dict[str, str] = {}
+    first, second = stage(size=3, closures=closures), stage(size=3, closures=closures)
+    late_before = A.LATE_UPDATES._value.get()
+
+    async def run():
+        state = W.empty_state()
+        for device in ("dev-1", "dev-2", "dev-3"):
+            state = await first.seat("m", state, entry(device), now=0.0)
+        state = await second.seat("m", W.empty_state(), entry("dev-3"), now=5.0)  # re-delivered
+        state = await second.seat("m", state, entry("dev-7"), now=5.1)  # sent after the first closure
+        return await second.close_due("m", state, now=15.5)
+
+    state, closed = asyncio.run(run())
+    assert closed and state == {"open": {}, "closed_upto": 3}
+    (_, sent_first), = first.windows_topic.sent
+    (key, sent_again), = second.windows_topic.sent
+    assert key == b"m" and sent_again == sent_first
+    assert [m["device_id"] for m in records.loads(sent_again)["members"]] == ["dev-1", "dev-2", "dev-3"]
+    assert second._defence.judged == [] and second.events_topic.sent == []
+    assert A.LATE_UPDATES._value.get() == late_before + 1  # dev-7's update
 
 
 
