@@ -100,7 +100,7 @@ class Settings:
     # for a backdoor without knowing the trigger; a flagged version is not served (the next version carries the last
     # served parameters) and the window members that pushed it are quarantined. "none": off. Secure by default; on a
     # task it cannot judge (not images, or fewer than 3 classes: the synthetic task) each version records why it was
-    # skipped. The budget bounds one audit's wall time (~1.3 s of CPU on the demo's model, docs/audit.md); the
+    # skipped. The budget bounds one audit's CPU time (~1.3 s on the demo's model, docs/audit.md); the
     # differential test compares with the per-class median of the last N served versions' audits; the first W
     # audited versions of the served lineage are audited but not judged (warm-up: an undertrained model's trigger
     # norms are not meaningful; their norms start the reference).

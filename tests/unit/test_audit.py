@@ -195,15 +195,23 @@ def test_differential_flags_a_class_whose_trigger_shrank(world, audits):
 
 def test_audit_time_budget_truncates(world, monkeypatch):
     clock = iter(range(10_000))
-    monkeypatch.setattr(audit_mod.time, "perf_counter", lambda: float(next(clock)))
-    # t0 = 0; the checks before steps 1, 2, 3 read 1, 2, 3 (> 2.5): two steps are run
+    monkeypatch.setattr(audit_mod.time, "process_time", lambda: float(next(clock)))
+    # c0 = 0; the checks before steps 1, 2, 3 read 1, 2, 3 (> 2.5): two steps are run
     r = audit_model(world["clean"], world["x_audit"], AuditConfig(steps=50, time_budget_s=2.5))
     assert r.truncated and r.steps == 2
     assert r.to_dict()["truncated"] is True
     clock2 = iter(range(0, 10_000, 5))
-    monkeypatch.setattr(audit_mod.time, "perf_counter", lambda: float(next(clock2)))
+    monkeypatch.setattr(audit_mod.time, "process_time", lambda: float(next(clock2)))
     with pytest.raises(TimeoutError):
         audit_model(world["clean"], world["x_audit"], AuditConfig(steps=50, time_budget_s=1.0))
+
+
+def test_a_loaded_machine_delays_the_audit_but_does_not_cut_it_short(world, monkeypatch):
+    """The budget is CPU time: wall time running 100 s per reading (other processes on the cores) changes nothing."""
+    wall = iter(range(0, 10_000_000, 100))
+    monkeypatch.setattr(audit_mod.time, "perf_counter", lambda: float(next(wall)))
+    r = audit_model(world["clean"], world["x_audit"], AuditConfig(steps=20, time_budget_s=2.0))
+    assert not r.truncated and r.steps == 20 and r.seconds >= 100
 
 
 def test_audit_rejects_bad_inputs(world):
