@@ -114,8 +114,8 @@ class AuditConfig:
     ``audit_size`` inputs (the first rows of ``x_audit``) and ``steps`` Adam steps per audit; ``time_budget_s``
     is a safety stop in CPU seconds of this process (the result is then marked ``truncated`` and is no longer
     deterministic): CPU, not wall time, so a loaded machine delays a verdict instead of changing it (with a wall
-    budget of 2 s, two simulations on two cores at load ~2 cut most audits short, and 2 of 108 clean versions were
-    flagged; bench/results/audit.md); ``pattern_range``
+    budget of 2 s, two simulations on two cores at load ~2 ran most audits to within 0.1 s of the budget: which
+    steps ran depended on the load, docs/audit.md); ``pattern_range``
     ``(lo, hi)`` of valid inputs, ``None``: the audit set's min/max."""
 
     audit_size: int = 64
