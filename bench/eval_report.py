@@ -2,8 +2,8 @@
 
 Reads the cells ``bench/eval.sh`` wrote (``<dir>/cells/*.json``, so a partial run reports what it has) in three
 directories (and the anchor's two): ``eval-default-audit`` (norm_clip + ensemble + the model audit: the default
-configuration of ``fedguard up``, seeds 0-2), ``eval-default`` (the same without the audit) and ``eval`` (every rule, with and
-without detection, seed 0). Each target of issue 10, item 5, is checked on the runs it names:
+configuration of ``fedguard up``, seeds 0-2), ``eval-default`` (the same without the audit) and ``eval`` (every
+rule, with and without detection, seed 0). Each target of issue 10, item 5, is checked on the runs it names:
 
 * the attack reproduced: fedavg without detection, single-shot model replacement, backdoor accuracy >= 90% at some
   round (Bagdasaryan et al. 2020: close to 100%);

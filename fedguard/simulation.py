@@ -54,10 +54,10 @@ members in arrival order), ``quarantined_now`` / ``released_now`` (devices quara
 the start of the round)), with the audit on: ``audit`` (verdict), ``audit_class``, ``audit_seconds``,
 ``attributed_malicious`` / ``attributed_honest`` (quarantined), ``suspected_malicious`` / ``suspected_honest``
 (attributed by a flag the look-back did not confirm: not quarantined), ``candidate_backdoor_accuracy`` (of a
-flagged candidate that was not served), ``screened_malicious`` / ``screened_honest`` (members left out: they pushed a remembered trigger),
-``looked_back_malicious`` / ``looked_back_honest`` (devices a flag's look-back screened in earlier served windows),
-``rolled_back_to`` (the version whose parameters a flag's look-back served, or None); ``served`` (False: flagged),
-``final_main_accuracy``,
+flagged candidate that was not served), ``screened_malicious`` / ``screened_honest`` (members left out: they pushed a
+remembered trigger), ``looked_back_malicious`` / ``looked_back_honest`` (devices a flag's look-back screened in
+earlier served windows), ``rolled_back_to`` (the version whose parameters a flag's look-back served, or None);
+``served`` (False: flagged), ``final_main_accuracy``,
 ``max_backdoor_accuracy``, ``final_backdoor_accuracy``, ``detection`` (:func:`detection_rates` over the rounds from
 ``attack_start``) and ``seconds``.
 """

@@ -209,11 +209,12 @@ def restore_version_key(settings: Settings) -> int | None:
     """
     from fedguard.modelstore import ModelStore
 
-    versions = ModelStore(settings.models_dir).versions()
+    store = ModelStore(settings.models_dir)
+    versions = store.versions()
     if not versions:
         return None
     client = registry.connect(settings)
-    client.set(registry.model_store_key(settings), ModelStore(settings.models_dir).identity())
+    client.set(registry.model_store_key(settings), store.identity())
     if client.eval(_RAISE_VERSION_LUA, 1, registry.model_version_key(settings), versions[-1]):
         log.warning("model version key restored from the model store: %d", versions[-1])
         return versions[-1]

@@ -516,7 +516,7 @@ class WindowStage:
                                      base_version=base_version, now=time.time(), size=self.settings.window_size)
             earlier = await defence.earlier_closure(window_id, records.dumps(record).decode())
         if earlier is not None:
-            await self.resend(window_id, window, records.loads(earlier))
+            await self.resend(window_id, window, earlier)
             return window_state
         await self.windows_topic.send(key=model_id.encode(), value=records.dumps(record), force=True)
         WINDOW_SECONDS.observe(time.perf_counter() - started)
@@ -528,9 +528,11 @@ class WindowStage:
                  record["detector"]["downweighted"], " (judged before a restart)" if judged.replayed else "")
         return window_state
 
-    async def resend(self, window_id: str, window: dict, record: dict) -> None:
-        """Send the record of a window's earlier closure again; the members it lacks came too late for it."""
-        await self.windows_topic.send(key=record["model_id"].encode(), value=records.dumps(record), force=True)
+    async def resend(self, window_id: str, window: dict, earlier: str) -> None:
+        """Send the record of a window's earlier closure (``earlier``, as stored) again, byte for byte; the members
+        it lacks came too late for it."""
+        record = records.loads(earlier)
+        await self.windows_topic.send(key=record["model_id"].encode(), value=earlier.encode(), force=True)
         kept = {m["update_id"] for m in record["members"]}
         late = [m["update_id"] for m in window["members"] if m["update_id"] not in kept]
         LATE_UPDATES.inc(len(late))
