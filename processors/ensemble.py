@@ -20,7 +20,8 @@ false positives from becoming rejections, Aggarwal, "Outlier Ensembles", 2017, c
 
 ``weight`` (the multiplier the aggregator applies): accept 1, downweight ``min(downweight_weight, alpha)`` with
 ``downweight_weight = 0.5`` and alpha FoolsGold's, reject 0. ``evidence`` (what reputation should observe) is the
-verdict without the trust rule. Thresholds and measured false-positive rates: docs/detection.md.
+verdict without the trust rule, and ``sybil`` for a member of a Sybil group (a reject that
+:func:`processors.reputation.observe` quarantines at once). Thresholds and measured false-positive rates: docs/detection.md.
 
 Centres (magnitude, direction, distance, history) weigh each distinct member by ``trust ** 2 x alpha``: a fresh
 device (E = 0.5) counts 0.25, one with a clean record (E = 11/12) 0.84, and a member whose history resembles
@@ -314,7 +315,10 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
                 verdict, weight = "downweight", float(min(cfg.downweight_weight, alpha[i]))
             else:
                 verdict, weight = "accept", 1.0
-        evidence = "reject" if verdict == "reject" else ("downweight" if vote_count else "accept")
+        if "sybil" in strong[i]:
+            evidence = "sybil"  # near-identical to another device's update: reputation quarantines at once
+        else:
+            evidence = "reject" if verdict == "reject" else ("downweight" if vote_count else "accept")
         members.append(MemberVerdict(scores[i], flags, verdict, weight, reasons[i], evidence))
     stats["verdicts"] = {v: sum(m.verdict == v for m in members) for v in ("accept", "downweight", "reject")}
     return WindowVerdict(members, json_safe(stats))

@@ -12,8 +12,16 @@ and before each new observation the old evidence is discounted by the forgetting
 Evidence per window verdict (``ReputationParams``): accept r += 1, downweight s += 0.5, reject s += 2. With
 lambda = 0.9 old evidence halves in 6.6 windows and an always-accepted device converges to r = 10, E = 11/12.
 
-Quarantine (``status = "quarantined"``) when **either**
+Quarantine (``status = "quarantined"``) when **any** of
 
+* the evidence is ``sybil``: the device's update was near-identical (sketch cosine > 0.99) to another device's in
+  the same window (:func:`processors.detectors.sybil`). It counts as a reject and quarantines at once. Honest
+  non-IID updates are never that close (pairwise cosines measured <= 0.61 in the first round, where every update
+  points the same way, <= 0.21 after; 0 of 3,000 honest members in bench/results/detection.md), and an attacker
+  cannot put an honest device into its group: it would need that device's update, which depends on the device's
+  private data and travels sealed to the server. Waiting for 3 strikes instead let a Sybil group keep its members
+  for as long as 3 samplings of each take (at 10 of 100 devices per round, 2 to 4 of 12-15 Sybils that took part
+  were quarantined within 10 rounds, bench/results/audit.md before this rule);
 * ``strikes`` (consecutive rejected windows) reaches 3: a device rejected in 3 windows in a row is quarantined
   whatever its past, because Beta evidence alone cannot both forgive a new device's one mistake and quarantine a
   long-honest one quickly (E after 3 rejects from the steady state r = 10 is still 0.56); or
@@ -49,7 +57,8 @@ from dataclasses import asdict, dataclass, replace
 
 __all__ = ["Reputation", "ReputationParams", "expectation", "maybe_release", "observe"]
 
-VERDICTS = ("accept", "downweight", "reject")
+#: what a window says about a device's update (processors/ensemble.py, ``MemberVerdict.evidence``)
+EVIDENCE = ("accept", "downweight", "reject", "sybil")
 
 
 @dataclass(frozen=True)
@@ -137,22 +146,23 @@ def expectation(rep: Reputation) -> float:
     return (rep.r + 1.0) / (rep.r + rep.s + 2.0)
 
 
-def observe(rep: Reputation, verdict: str, now: float,
+def observe(rep: Reputation, evidence: str, now: float,
             params: ReputationParams = ReputationParams()) -> tuple[Reputation, list[str]]:
-    """Apply one window verdict (``"accept"``, ``"downweight"``, ``"reject"``). Evidence is forgotten by lambda
-    first, then added. Returns the new reputation and the events. A device already quarantined (a window that
-    closed as it was being quarantined) still accumulates evidence but raises no new quarantine."""
-    if verdict not in VERDICTS:
-        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    """Apply one window's ``evidence`` (``"accept"``, ``"downweight"``, ``"reject"``, ``"sybil"``: a reject that
+    quarantines at once). Evidence is forgotten by lambda first, then added. Returns the new reputation and the
+    events. A device already quarantined (a window that closed as it was being quarantined) still accumulates
+    evidence but raises no new quarantine."""
+    if evidence not in EVIDENCE:
+        raise ValueError(f"evidence must be one of {EVIDENCE}, got {evidence!r}")
     lam = params.forgetting
     r, s = lam * rep.r, lam * rep.s
     strikes, probation = rep.strikes, rep.probation
     events: list[str] = []
-    if verdict == "accept":
+    if evidence == "accept":
         r += params.accept_evidence
         strikes = 0
         probation = max(0, probation - 1)
-    elif verdict == "downweight":
+    elif evidence == "downweight":
         s += params.downweight_evidence
         events.append("flagged")
     else:
@@ -162,8 +172,8 @@ def observe(rep: Reputation, verdict: str, now: float,
     new = replace(rep, r=r, s=s, strikes=strikes, probation=probation, windows=rep.windows + 1, last_seen=now)
     if new.status == "active":
         e = expectation(new)
-        if (strikes >= params.strikes_to_quarantine or e < params.quarantine_below
-                or (verdict == "reject" and rep.probation > 0)):
+        if (evidence == "sybil" or strikes >= params.strikes_to_quarantine or e < params.quarantine_below
+                or (evidence in ("reject", "sybil") and rep.probation > 0)):
             new = replace(new, status="quarantined", quarantined_at=now, quarantines=rep.quarantines + 1)
             events.append("quarantined")
     return new, events

@@ -14,8 +14,8 @@ keys) and asserts what the model and the honest devices kept:
 * no honest member is rejected while the attack runs (at most one, the ensemble's base rate on clean traffic);
 * the attacker's influence is at most one member per window: one seat per device, and near-identical copies from
   several devices are rejected together;
-* a repeat offender is quarantined: after at most 3 windows in which it was rejected (reputation strikes), and the
-  validator then refuses its updates with reason code `quarantined`.
+* a repeat offender is quarantined: after at most 3 windows in which it was rejected (reputation strikes), after one
+  window in a Sybil group, and the validator then refuses its updates with reason code `quarantined`.
 """
 
 from __future__ import annotations
@@ -240,6 +240,20 @@ def test_sybils_sending_identical_model_replacement_updates_are_rejected_and_qua
     # over rounds (measured here: up to 61% on this 10-device synthetic fleet); per-window defences cannot stop that
     # accumulation (../shared/THREATS.md), the model audit of issue 14 is meant to.
     assert_quarantined(run)
+    # One window in a Sybil group quarantines a device (evidence "sybil"), not three.
+    def base(window_id: str) -> int:
+        return int(window_id.rsplit(":", 1)[1])
+
+    grouped_at = {}
+    for w in run.windows:
+        for m in w["members"]:
+            if m["device_id"] in run.attackers and "sybil" in m["flags"]:
+                grouped_at.setdefault(m["device_id"], w["window_id"])
+    assert grouped_at, "no Sybil group formed"
+    for device, window_id in grouped_at.items():
+        quarantine = [e for e in run.events if e["type"] == "quarantined" and e["device_id"] == device]
+        assert run.status[device] == registry.QUARANTINED, (device, run.status)
+        assert quarantine and base(quarantine[0]["window_id"]) <= base(window_id), (device, window_id, quarantine)
 
 
 def test_one_device_stuffing_windows_and_flooding_holds_one_seat(settings):

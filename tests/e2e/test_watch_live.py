@@ -75,7 +75,7 @@ def test_watch_and_round_lines_follow_a_live_sybil_attack_and_show_a_stopped_sta
         state = WatchState()  # what a running `fedguard watch` keeps between refreshes
         first = collect(settings, state)
         started = campaign.start(client, settings, "sybil", 0.0, devices=ATTACKERS)
-        # Three attacked windows: three strikes for each attacker, so both are quarantined.
+        # Three attacked windows: the two copies are a Sybil group in the first, so both are quarantined.
         wait_until(lambda: version() >= started.start_version + 3, 240, what="three attacked rounds")
         wait_until(lambda: client.smembers(quarantined_key(settings)) == set(ATTACKERS), 60,
                    what="the attackers' quarantine")
