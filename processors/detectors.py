@@ -376,12 +376,16 @@ def direction(sketches: np.ndarray, previous_global: np.ndarray | None = None, *
        Fashion-MNIST updates (windows of 10): honest -0.04 to 0.56 (median 0.03; non-IID updates are nearly
        orthogonal to each other), an update along minus the honest mean -0.74 to -0.15.
     2. **centre**: the cosine to a robust centre of the others: the coordinate-wise median (Yin et al., ICML 2018,
-       Def. 1) of the unit sketches of the *core* members (pairwise score >= ``core_min``, -0.1; all members if the
-       core holds less than half the weight), leaving out the member's own group. The core keeps a coherent minority
-       group out of the centre: a coordinate median of few, nearly orthogonal honest vectors is mostly noise, and a
-       tight group holding even a third of the weight sits in the middle of most coordinates and would become the
-       centre. Leaving the member out matters too: with itself included, a sign-flipped honest update scored 0.22
-       (honest 0.30). Measured: honest -0.11 to 0.43 (median 0.04), minus the honest mean about -0.6.
+       Def. 1) of the unit sketches of the *core* members (pairwise score >= ``core_min``, -0.1; when those hold
+       less than half the weight, the window is *contested* and the core is the members whose pairwise score is at
+       least the weighted median's), leaving out the member's own group. The core keeps a coherent minority group
+       out of the centre: a coordinate median of few, nearly orthogonal honest vectors is mostly noise, and a tight
+       group holding even a third of the weight sits in the middle of most coordinates and would become the centre.
+       A contested core is still a weighted majority and still leaves out the members that disagree most: when it
+       was all members, one trusted update along minus the honest mean in a window of five (the live IPM test)
+       pulled every honest pairwise score below -0.1, joined the centre and put the honest centre cosines at -0.41,
+       under ``strong_cos``. Leaving the member out matters too: with itself included, a sign-flipped honest update
+       scored 0.22 (honest 0.30). Measured: honest -0.11 to 0.43 (median 0.04), minus the honest mean about -0.6.
 
     A member votes when its centre cosine has modified z < ``-z_threshold`` (scale floored at ``floor_abs`` = 0.05,
     above the ~0.03 hashing noise of a cosine at k = 1024) or is below ``cos_abs`` (-0.2), when its pairwise score
@@ -417,8 +421,8 @@ def direction(sketches: np.ndarray, previous_global: np.ndarray | None = None, *
             pair[j] = weighted_median(cos[j, others], tw[others] / dens)
     core = pair >= core_min
     contested = bool(w[core].sum() < 0.5 * w.sum())
-    if contested:
-        core = np.ones(m, dtype=bool)
+    if contested:  # the members at or above the weighted median pairwise score: still a weighted majority
+        core = pair >= weighted_median(pair, w)
     cos_rep = np.zeros(m)
     for j in range(m):
         others = core & (np.arange(m) != j)

@@ -188,6 +188,25 @@ def test_direction_previous_global_reversal():
     assert not res.flagged[:7].any()
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_direction_a_trusted_update_along_minus_the_mean_cannot_become_the_centre_of_a_contested_window(seed):
+    # The live IPM test's window of five: four honest non-IID updates, slightly anti-correlated (pairwise about
+    # -0.1, as on the synthetic task), and one attacker along minus their mean at their norm with the highest trust.
+    # Its -0.44 pulls every honest pairwise median below core_min, so the window is contested. When the contested
+    # core was every member, the attacker sat in each honest member's centre and all four scored about -0.35 to it,
+    # under strong_cos: rejected on the attacker's account.
+    rng = np.random.default_rng(seed)
+    h = rng.standard_normal((4, 256)) / 16.0
+    h -= 0.15 * h.mean(axis=0)
+    bad = -h.mean(axis=0)
+    bad *= np.linalg.norm(h, axis=1).mean() / np.linalg.norm(bad)
+    res = D.direction(np.vstack([h, bad]), trust=np.array([0.73, 0.5, 0.67, 0.74, 0.79]) ** 2)
+    assert not res.strong[:4].any(), (res.scores, res.extra["pairwise"], res.info)
+    assert res.strong[4] and res.scores[4] < -0.6
+    if res.info["contested"]:  # the contested core is the upper weighted half of the pairwise scores
+        assert res.info["core"] < 5
+
+
 def test_direction_copies_count_once():
     h, g = window(n_honest=4)
     bad = np.tile(-g, (6, 1))
