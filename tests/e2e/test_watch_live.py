@@ -112,8 +112,11 @@ def test_watch_and_round_lines_follow_a_live_sybil_attack_and_show_a_stopped_sta
     windows = json_values(read_topic(settings, settings.topics.windows))
     attacked = [m for w in windows for m in w["members"] if m["device_id"] in ATTACKERS
                 and w["base_version"] >= started.start_version]
-    assert len([m for m in attacked if m["verdict"] == "reject"]) >= 6, [(m["verdict"], m["flags"]) for m in attacked]
-    assert snap.verdicts.totals["reject"] >= 6
+    # The two copies are rejected together in the first attacked window, and that window quarantines both (one window
+    # in a Sybil group): no later window holds either.
+    assert len([m for m in attacked if m["verdict"] == "reject"]) >= 2, [(m["verdict"], m["flags"]) for m in attacked]
+    assert all("sybil" in m["flags"] for m in attacked), [(m["verdict"], m["flags"]) for m in attacked]
+    assert snap.verdicts.totals["reject"] >= 2
     flags = {d: int(c) for d, c in snap.detector_flags.totals.items() if c}
     assert flags, snap.detector_flags
     flag_line = next(line for line in text.splitlines() if line.startswith("  flags"))
