@@ -516,19 +516,25 @@ def notes(report: dict[str, Any]) -> list[str]:
             if x["audit"] in AUDITED and x["audit_seconds"]]
     if budget and secs:
         at = sum(v >= budget for v in secs)
-        out.append(f"Time budget: none of the {len(secs)} audited versions reached the {budget:g} s budget of wall "
-                   f"time (max {max(secs):.2f} s)." if not at else
-                   f"Time budget: {at} of {len(secs)} audited versions took at least the {budget:g} s budget of "
-                   "wall time (two simulations on two cores): the reverse engineering was most likely cut by the "
-                   "budget (`truncated`; not in the round record), i.e. these verdicts rest on fewer optimisation "
-                   "steps than the audit's 150. docs/audit.md measured 1.10 s CPU (1.75 s wall) per version at a "
-                   "lower load.")
+        out.append(f"Time budget: none of the {len(secs)} audited versions took the {budget:g} s budget even in "
+                   f"wall time (max {max(secs):.2f} s); the budget counts the audit's CPU time, so none was cut "
+                   "short." if not at else
+                   f"Time budget: {at} of {len(secs)} audited versions took at least the {budget:g} s budget in wall "
+                   "time (two simulations on two cores). The budget counts the audit's CPU time, which the round "
+                   "record does not hold, so these were cut short (`truncated`, fewer optimisation steps than the "
+                   "audit's 150) only if their CPU time reached it too.")
     if any(c["attack"] == "sybil" for c in report["cells"]):
         sy = [c for c in report["cells"] if c["attack"] == "sybil" and c["audit"] != "none"]
-        out.append("sybil (base model_replacement, near-identical copies): the detection ensemble already stops it "
-                   "(served backdoor max " + ", ".join(pct(c["max_served_backdoor"]) for c in sy) + "; reputation "
-                   "quarantined " + ", ".join(f"{c['quarantined_malicious_end']}" for c in sy) + " of 20 by the end; "
-                   "the runs without the audit are identical), so the audit had nothing to flag.")
+        off = {c["seed"]: c for c in report["cells"] if c["attack"] == "sybil" and c["audit"] == "none"}
+        flagged = [c for c in sy if c["first_flag"] is not None]
+        without = "; without the audit " + ", ".join(
+            pct(off[c["seed"]]["max_served_backdoor"]) for c in sy if c["seed"] in off) if off else ""
+        out.append("sybil (base model_replacement, near-identical copies): the detection ensemble stops most of it "
+                   "(served backdoor max " + ", ".join(pct(c["max_served_backdoor"]) for c in sy) + without +
+                   "; reputation quarantined " + ", ".join(f"{c['quarantined_malicious_end']}" for c in sy) +
+                   " of 20 by the end); the audit flagged " +
+                   (", ".join(f"seed {c['seed']} at round {c['first_flag']}" for c in flagged) if flagged
+                    else "nothing") + ".")
     return out
 
 
@@ -556,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         if report.get("plot"):
             plot(report, out.with_suffix(".png"))
             report["plot"] = out.with_suffix(".png").name
+        report["notes"] = notes(report)  # the reading follows the code that renders it
         report["rerendered"] = f"python bench/audit.py --rerender {args.rerender} --out {out}"
         out.write_text(render(report))
         print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if report.get("plot") else ""))

@@ -149,3 +149,19 @@ def test_targets_with_nothing_measured(audit):
     # no attackers: the quarantine share is None and cannot be met
     ts = audit.targets(_clean(), [_cell(share_quarantined_within=None)])
     assert ts[2]["met"] is False
+
+
+def test_notes_say_what_the_audit_did_under_the_sybil_backdoor(audit):
+    on = [_cell(attack="sybil", seed=0, first_flag=7, first_candidate_above_10=None, max_served_backdoor=0.028,
+                quarantined_malicious_end=15),
+          _cell(attack="sybil", seed=1, first_flag=None, first_candidate_above_10=None, max_served_backdoor=0.028,
+                quarantined_malicious_end=17)]
+    off = [_cell(attack="sybil", audit="none", seed=0, first_served_above_10=None, max_served_backdoor=0.04),
+           _cell(attack="sybil", audit="none", seed=1, first_served_above_10=None, max_served_backdoor=0.028)]
+    report = {"targets": [], "cells": on + off, "runs": []}
+    line = next(n for n in audit.notes(report) if n.startswith("sybil (base"))
+    assert "without the audit 4.0 %, 2.8 %" in line and "quarantined 15, 17 of 20" in line
+    assert line.endswith("the audit flagged seed 0 at round 7.")
+    report["cells"] = [{**c, "first_flag": None} for c in on]
+    line = next(n for n in audit.notes(report) if n.startswith("sybil (base"))
+    assert line.endswith("the audit flagged nothing.") and "without the audit" not in line
