@@ -89,7 +89,8 @@ MEANINGS: dict[Reason, tuple[str, str]] = {
     Reason.FUTURE_VERSION: ("version", "base model version not published yet (or no version published at all)"),
     Reason.STALE: ("version", "base model version older than the current one minus max_staleness"),
     Reason.WINDOW_DUPLICATE: ("version", "a second update from this device for a base version it already had an "
-                                         "update accepted for: one update per device per window"),
+                                         "update accepted for: one update per device per window (for the base version of its seat it is "
+                                         "equivocation, and the seated update is rejected too)"),
     Reason.INTERNAL_ERROR: ("server", "the validator failed (a bug, or Redis unreachable after retries); not the "
                                       "sender's fault, investigate the processors log"),
 }

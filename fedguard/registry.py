@@ -9,6 +9,7 @@ Every key is namespaced by ``Settings.redis_prefix`` (default ``fedguard``):
 | ``fedguard:seq:<id>`` | string | admission state, written only by the admission script: ``<seq>\\0<delivery>\\0<tokens>\\0<tokens_ts>\\0<window base>\\0`` (NUL-ended fields: one ``struct.unpack`` in Lua; the format is the admission protocol's, :mod:`processors.admission`, whose ``admission_state`` reads it): the sequence number of the last accepted update and its ``<update id>@<raw partition>:<offset>`` (replay protection), then the device's token bucket, then the highest base version it had an update accepted for (one update per device per window); ``-`` for a field not set yet (a state written before the last field existed has four). Kept when a device is enrolled again |
 | ``fedguard:devices`` | set | every enrolled device id |
 | ``fedguard:ingress`` | hash | ``tokens`` and ``ts`` of the global ingress bucket |
+| ``fedguard:equivocated:<store id>:<model id>:<base version>`` | set, expires (7 days) | devices that sent a second update for a base version they already had one accepted for (written by the admission script, read by the window stage when that version's window closes: it rejects their seated update) |
 | ``fedguard:noted:<kind>:<id>`` | string, expires | set when a security event of ``kind`` (rate_limited, replay) was emitted for device ``<id>``; ``fedguard:noted:ingress_limited`` for the global bucket. Bounds events to one per ``security_event_interval_s`` |
 | ``fedguard:operator:credential`` | string | JSON: scrypt parameters, salt and hash of the operator token (fedguard/operator.py) |
 | ``fedguard:audit`` | list | JSON records of operator actions (enroll, revoke, rotate), newest first, capped at 10,000 |
@@ -79,6 +80,13 @@ def model_store_key(settings: Settings) -> str:
     the aggregator and by ``init``/``up``): a store started afresh reuses version numbers, and so window ids, and the
     window stage must not take its windows for the earlier store's."""
     return settings.redis_key("model", settings.model_id, "store")
+
+
+def equivocated_key(settings: Settings, store_id: str, base_version: int) -> str:
+    """The devices that sent a second update for ``base_version`` while holding a seat in its window (set; written
+    by admission, processors/admission.py, read by the window stage when the window closes). ``store_id``: the
+    value of :func:`model_store_key` (``-`` when unset), so that a store started afresh does not inherit it."""
+    return settings.redis_key("equivocated", store_id, settings.model_id, str(base_version))
 
 
 def fleet_hold_key(settings: Settings) -> str:

@@ -10,7 +10,7 @@ services call (the composition layer: it may import the producers, the processor
 | who takes part | ``Fleet.active`` + ``Fleet.select`` | :func:`producers.sampling.sample_devices` over the non-quarantined devices |
 | honest training | ``Fleet.train`` | ``fedguard.tasks.local_train``, tuned defaults, seed :func:`producers.sampling.training_seed` |
 | compromised devices | ``Fleet.attack`` + ``producers.campaign`` | :func:`producers.attacks.live.craft_round`, ``Campaign.fires_at`` |
-| validation | ``processors.validation`` | :func:`processors.validation.finite_norm` (NaN/Inf, norm bound: the exact norm), one update per device per window (``window_duplicate``: the first keeps the seat), window closes at ``per_round`` members |
+| validation | ``processors.validation`` | :func:`processors.validation.finite_norm` (NaN/Inf, norm bound: the exact norm), one update per device per window (``window_duplicate``: the first keeps the seat, and is rejected by the ensemble as equivocation), window closes at ``per_round`` members |
 | sketch | validator | :func:`fedguard.sketch.sketch_rows` with a secret-like seed (below) |
 | detection, reputation | ``processors.defence.WindowDefence.judge`` | :func:`processors.ensemble.score_window` (histories before the window, trust = E before it, the previous global sketch), :func:`processors.reputation.observe` on each member's ``evidence``, :func:`processors.detectors.updated` for every member, :func:`processors.defence.global_update_sketch` |
 | aggregation | ``aggregator.service.AggregatorService.handle_window`` | admitted members (:func:`fedguard.weighting.admitted`), :class:`aggregator.combine.ConfiguredRule` with FedAvg weights :func:`fedguard.weighting.sample_weights`, the previous aggregate, :func:`aggregator.combine.server_update`, trust after the window, noise from ``noise_generator(seed, version)``; too few admitted members or a rule precondition: the parameters carry over |
@@ -103,7 +103,7 @@ DETECTION_MODES = ("ensemble", "none")
 DEMO_ROUND_S = 2.3
 MAX_ATTEMPTS = 3
 #: what the per-round vote counts name: every detector of the ensemble, and the trust rule
-VOTES = (*DETECTORS, "low_trust")
+VOTES = (*DETECTORS, "low_trust", "equivocation")
 
 
 @dataclass
@@ -227,6 +227,7 @@ class _Simulation:
         self.reps: dict[int, Reputation] = {}
         self.histories: dict[int, DeviceHistory] = {}
         self.previous_global: np.ndarray | None = None
+        self.equivocated: set[int] = set()  # this window's (see window())
         self.ids = device_ids(c.num_devices)
         self.compromised: list[int] = []
         self.campaign: Campaign | None = None
@@ -298,10 +299,12 @@ class _Simulation:
 
     def window(self, sent: list[_Member]) -> tuple[list[_Member], dict[str, int]]:
         """The validator (norm bound, NaN/Inf; one update per device per window) and the window (closes at
-        ``per_round`` members). Returns the members and the refused counts."""
+        ``per_round`` members). Returns the members and the refused counts; ``self.equivocated`` holds the seated
+        devices that sent another update for the same base version (admission's equivocation record)."""
         members: list[_Member] = []
         seated: set[int] = set()
         refused = {"malicious": 0, "honest": 0}
+        self.equivocated = set()
         for m in sent:
             who = "malicious" if m.malicious else "honest"
             try:
@@ -309,8 +312,12 @@ class _Simulation:
             except RejectError:
                 refused[who] += 1
                 continue
-            if m.device in seated or len(members) >= self.c.per_round:
-                refused[who] += 1  # window_duplicate (or a late update for a closed window)
+            if m.device in seated:
+                refused[who] += 1  # window_duplicate
+                self.equivocated.add(m.device)
+                continue
+            if len(members) >= self.c.per_round:
+                refused[who] += 1  # a late update for a closed window
                 continue
             seated.add(m.device)
             members.append(m)
@@ -327,7 +334,8 @@ class _Simulation:
         else:
             reps = [self.reps.get(d, Reputation()) for d in devices]
             verdict = score_window(norms, sketches, [self.histories.get(d) for d in devices], self.previous_global,
-                                   np.array([expectation(r) for r in reps]), self.ensemble)
+                                   np.array([expectation(r) for r in reps]), self.ensemble,
+                                   equivocated=[d in self.equivocated for d in devices])
             outcome = [{"flags": v.flags, "verdict": v.verdict, "weight": v.weight, "evidence": v.evidence}
                        for v in verdict.members]
             for d, rep, out in zip(devices, reps, outcome):

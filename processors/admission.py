@@ -72,6 +72,9 @@ _OUTAGE_REPLIES = ("BUSY", "MISCONF", "NOREPLICAS")  # error replies redis-py ha
 #   6. one update per device per window: the base version must be above the highest one this device already had an
 #      update accepted for ('window_duplicate'), so a device (or a flood from it) holds at most one seat in the
 #      window of a base version, across workers and restarts; then the sequence number advances.
+# An authentic, fresh record (past steps 1 and 2) for the very base version the device already has a seat for is
+# also recorded as equivocation (fedguard.registry.equivocated_key), even if its bucket is empty (3) or its content
+# is bad (4), so that the window stage rejects the seated one as well.
 # Security events (rate_limited, ingress_limited, replay) are flagged at most once per device (globally for
 # ingress) per interval, with SET NX PX, so a flood produces one event, not one per record.
 # Time comes from the Redis server (TIME), so every processors worker sees the same buckets.
@@ -122,6 +125,18 @@ local function remember(list, delivery)
     if d ~= '-' then kept[#kept + 1] = d end
   end
   return table.concat(kept, ',')
+end
+-- A second signed update for the base version a device already has a seat for: equivocation. The window stage
+-- rejects the seated one too (processors/defence.py), so sending copies costs the device its seat. The set is kept
+-- per model store (a store started afresh restarts its versions at 0), one per base version, for a week.
+local store, noted_eq = nil, {}
+local function equivocated(i, id, base)
+  if noted_eq[i] == base then return end  -- once per device and call: a flood of copies costs one SADD
+  noted_eq[i] = base
+  if not store then store = redis.call('GET', prefix .. ':model:' .. ARGV[8] .. ':store') or '-' end
+  local key = prefix .. ':equivocated:' .. store .. ':' .. ARGV[8] .. ':' .. base
+  redis.call('SADD', key, id)
+  redis.call('EXPIRE', key, 604800)
 end
 local function chunked(command, args)  -- unpack() is bounded by the Lua C stack
   local out, i = {}, 1
@@ -195,6 +210,12 @@ for k = 1, n do
         stok[i] = tokens - 1; sts[i] = now; dirty[i] = true
       end
     end
+  end
+  -- An authentic, fresh record for the base version of the device's seat is equivocation whatever else is wrong
+  -- with it (a stuffer's bucket runs dry: its copies are rate limited, and still signed by it).
+  if one_per_window and not redelivery and swin[i] and rbase[k] == swin[i]
+      and (not code or code == 'rate_limited' or code == 'ingress_limited') then
+    equivocated(i, ids[i], rbase[k])
   end
   if not code and rloc[k] ~= '-' then code = rloc[k] end
   if not code then

@@ -91,6 +91,13 @@ if ARGV[3] ~= '' then redis.call('SET', key, ARGV[3], 'EX', tonumber(ARGV[4])) e
 return false
 """
 
+# The devices admission recorded as equivocating for a base version (fedguard.registry.equivocated_key; written by
+# processors/admission.py). KEYS[1]: the model store's id key. ARGV[1]: the sets' key prefix, ARGV[2]:
+# '<model id>:<base version>'. Returns the set's members.
+EQUIVOCATED_LUA = r"""
+return redis.call('SMEMBERS', ARGV[1] .. ':' .. (redis.call('GET', KEYS[1]) or '-') .. ':' .. ARGV[2])
+"""
+
 # Release a device from quarantine if it is still quarantined by reputation. KEYS: reputation hash, device hash, auth
 # key, quarantined set. ARGV: device id, new state JSON, trust, now. Returns 1 if released.
 RELEASE_LUA = r"""
@@ -177,6 +184,7 @@ class WindowDefence:
         self._apply = client.register_script(APPLY_WINDOW_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._close = client.register_script(CLOSE_WINDOW_LUA)
+        self._equivocated = client.register_script(EQUIVOCATED_LUA)
 
     async def judge(self, window_id: str, members: list[dict[str, Any]], now: float | None = None) -> Judged:
         now = time.time() if now is None else now
@@ -192,10 +200,14 @@ class WindowDefence:
         for d in devices:
             pipe.get(detector_history_key(s, d))
         pipe.get(global_sketch_key(s))
+        base = window_id.rsplit(":", 1)[-1]  # window ids are '<model id>:<base version>' (processors/windows.py)
+        await self._equivocated(keys=[registry.model_store_key(s)],
+                                args=[s.redis_key("equivocated"), f"{s.model_id}:{base}"], client=pipe)
         replies = await pipe.execute()
         reps = [load_reputation(state) for state in replies[:len(devices)]]
         histories = [self._history(text) for text in replies[len(devices):2 * len(devices)]]
-        previous = self._decode(replies[-1])
+        previous = self._decode(replies[-2])
+        equivocators = {d.decode() if isinstance(d, bytes) else d for d in replies[-1]}
         sketches = np.stack([self._decode(m.get("sketch")) if m.get("sketch") else np.zeros(self.k, np.float32)
                              for m in members]) if members else np.zeros((0, self.k), np.float32)
         norms = np.array([float(m["norm"]) for m in members])
@@ -206,7 +218,8 @@ class WindowDefence:
                         "evidence": "accept"} for _ in members]
             stats: dict[str, Any] = {"detection": "none", "n": len(members)}
         else:
-            verdict = score_window(norms, sketches, histories, previous, trust, self.config)
+            verdict = score_window(norms, sketches, histories, previous, trust, self.config,
+                                   equivocated=[d in equivocators for d in devices])
             outcome = [{"scores": v.scores, "flags": v.flags, "verdict": v.verdict, "weight": v.weight,
                         "reasons": v.reasons, "evidence": v.evidence} for v in verdict.members]
             stats = {"detection": "ensemble", **verdict.stats}

@@ -153,10 +153,15 @@ def json_safe(obj: Any) -> Any:
 
 def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[DeviceHistory | None],
                  previous_global: np.ndarray | None, trust: np.ndarray,
-                 config: EnsembleConfig = EnsembleConfig()) -> WindowVerdict:
+                 config: EnsembleConfig = EnsembleConfig(),
+                 equivocated: Sequence[bool] | None = None) -> WindowVerdict:
     """Score one window. ``norms`` ``(n,)`` exact L2 norms; ``sketches`` ``(n, k)``; ``histories`` one per member,
     the device's :class:`DeviceHistory` *before* this window (``None`` = never seen); ``previous_global`` the sketch
-    ``(k,)`` of the last global update or ``None``; ``trust`` ``(n,)`` in [0, 1] (reputation expectation).
+    ``(k,)`` of the last global update or ``None``; ``trust`` ``(n,)`` in [0, 1] (reputation expectation);
+    ``equivocated`` ``(n,)`` (default all False): the member's device sent another update for this window's base
+    version (admission refused it as ``window_duplicate``). An honest device sends one update per base version, so
+    such a member is rejected whatever the detectors say (a strong signal, evidence ``reject``) and is left out of
+    every centre: copies sent to fill a window (window stuffing, a flood) cost the device its seat.
     Raises ``ValueError`` on inconsistent shapes or non-finite input."""
     x = np.asarray(norms, dtype=np.float64).reshape(-1)
     n = x.size
@@ -170,6 +175,9 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
     t = np.clip(np.asarray(trust, dtype=np.float64).reshape(-1), 0.0, 1.0)
     if t.shape != (n,) or not np.isfinite(t).all():
         raise ValueError(f"trust must be {n} finite numbers")
+    eq = np.zeros(n, dtype=bool) if equivocated is None else np.asarray(equivocated, dtype=bool).reshape(-1)
+    if eq.shape != (n,):
+        raise ValueError(f"equivocated must be {n} booleans, got shape {eq.shape}")
     if n == 0:
         return WindowVerdict([], {"n": 0})
     cfg = config
@@ -204,6 +212,13 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
                                   f"{cfg.foolsgold_min})")
     cw = t ** cfg.trust_power * alpha
     ct = cw if cfg.weighted_centres and (cw > 0).any() else None
+    if eq.any() and not eq.all():  # rejected below; not a reference for the others either
+        ct = np.where(eq, 0.0, ct if ct is not None else np.ones(n))
+    stats["equivocated"] = int(eq.sum())
+    for i in np.flatnonzero(eq):
+        strong[i].append("equivocation")
+        reasons[i].append("equivocation: the device sent another update for this base version (one per device per "
+                          "window)")
 
     def record(name: str, res: D.DetectorResult, vote: bool = True) -> None:
         stats["detectors"][name] = {**res.info, "flagged": int(res.flagged.sum()), "strong": int(res.strong.sum()),
@@ -298,8 +313,8 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
 
     members = []
     for i in range(n):
-        flags = sorted(set(votes[i]))
-        vote_count = len({FAMILIES[f] for f in flags})
+        flags = sorted(set(votes[i]) | ({"equivocation"} if eq[i] else set()))
+        vote_count = len({FAMILIES[f] for f in set(votes[i])})
         if strong[i] or vote_count >= cfg.reject_votes:
             verdict, weight = "reject", 0.0
             if strong[i] and vote_count < cfg.reject_votes:

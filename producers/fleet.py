@@ -92,6 +92,9 @@ class Fleet:
             raise RuntimeError("the server public key is not in Redis; start the stack with `fedguard up`")
         self.server_public = public_from_hex(server_hex)
         self.aead_keys = {d: self._derive(d) for d in self.ids}
+        # device -> the highest base version the broker acknowledged an update of it for (one per base version;
+        # an update the broker did not acknowledge may be sent again)
+        self.last_base: dict[str, int] = {}
         self.task = load_task(settings.task, seed=settings.seed)
         self.spec = model_spec(self.task, settings.hidden_widths())
         self.model = build_model(self.spec, seed=settings.seed)
@@ -194,6 +197,9 @@ class Fleet:
         base = load_weights(meta["path"], meta["sha256"])
         version = int(meta["version"])
         selected = self.select(version, attempt)
+        # a device the broker already took an update from for this version (an earlier attempt of the round) does not
+        # send another: that would be equivocation, and cost it the seat it has
+        selected = [i for i in selected if self.last_base.get(self.ids[i], -1) < version]
         if not selected:
             log.warning("no active device to sample on version %d (all revoked or quarantined)", version)
         campaign = self._campaign(version)
@@ -307,6 +313,7 @@ class Fleet:
                 failed.append((header, future))
             elif future.is_done and future.succeeded():
                 acknowledged += 1
+                self.last_base[header.device_id] = max(self.last_base.get(header.device_id, -1), header.base_version)
             else:
                 failed.append((header, future.exception if future.is_done else "no answer from the broker"))
         SENT.inc(acknowledged)

@@ -195,8 +195,11 @@ def assert_model_and_honest_kept(run: Run) -> None:
             continue  # the last window, still in flight when the stack stopped
         clean = without_attack_accuracy(run, w, made["parent"])
         assert made["metrics"]["accuracy"] >= clean - 0.02, (w["window_id"], made["metrics"], clean,
-                                                               [(m["verdict"], m["flags"]) for m in w["members"]])
-    honest_rejected = [m for m in run.members(bad=False) if m["verdict"] == "reject"]
+                                                               [(m["device_id"], m["verdict"], m["flags"])
+                                                                for m in w["members"]])
+    # (an attacker's own update seated before its flood is not honest: the flood's copies are equivocation)
+    honest_rejected = [m for m in run.members(bad=False) if m["verdict"] == "reject"
+                       and not (m["device_id"] in run.attackers and "equivocation" in m["flags"])]
     assert len(honest_rejected) <= 1, honest_rejected
     for w in run.windows:  # one seat per device, always
         assert len({m["device_id"] for m in w["members"]}) == len(w["members"])
@@ -262,6 +265,16 @@ def test_one_device_stuffing_windows_and_flooding_holds_one_seat(settings):
     assert run.rejected["window_duplicate"] > 0  # the stuffed copies and the flood, refused at admission
     for w in run.windows:
         assert sum(m["device_id"] == "dev-0003" for m in w["members"]) <= 1
+    # The copies are equivocation (a second signed update for the base version of the device's seat, also when its
+    # bucket is empty and they are rate limited): the seat is rejected too (issue 9, window stuffing), so the
+    # stuffer's update never reaches the model, three such windows quarantine it, and nobody else is charged.
+    seats = [m for m in run.members(bad=True) if m["device_id"] == "dev-0003"]
+    assert seats and all(m["verdict"] == "reject" and "equivocation" in m["flags"] for m in seats), \
+        [(m["verdict"], m["flags"]) for m in seats]
+    charged = {m["device_id"] for w in run.windows for m in w["members"] if "equivocation" in m["flags"]}
+    assert charged == {"dev-0003"}, charged
+    if len(seats) >= 3:
+        assert run.status["dev-0003"] == registry.QUARANTINED, run.status
 
 
 def test_updates_along_minus_the_global_update_at_the_honest_norm_are_not_admitted(settings):

@@ -81,3 +81,41 @@ def test_a_window_closure_is_kept_per_model_store_and_the_first_one_stays(redis_
     assert 0 < ttl <= WINDOW_RECORD_TTL_S
     for key in sync.scan_iter(f"{settings.redis_prefix}:*"):
         sync.delete(key)
+
+
+def test_a_member_whose_device_equivocated_is_rejected_and_only_in_its_own_store_and_version(redis_url):
+    """Admission records a device that sent a second update for a base version (fedguard.registry.equivocated_key);
+    the window stage rejects that device's seated update, with its reason, and feeds a reject to its reputation.
+    The record of another model store or another base version changes nothing."""
+    settings = Settings(redis_url=redis_url, redis_prefix=f"fgd-{uuid.uuid4().hex[:8]}", detector_sketch_k=K)
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    sync.set(registry.model_store_key(settings), "store-a")
+    sync.sadd(registry.equivocated_key(settings, "store-a", 3), "dev-0002")
+    sync.sadd(registry.equivocated_key(settings, "store-b", 4), "dev-0001")  # another store
+    sync.sadd(registry.equivocated_key(settings, "store-a", 2), "dev-0001")  # another version
+    rng = np.random.default_rng(5)
+    window = members("e", 6, rng)
+
+    async def scenario():
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            defence = WindowDefence(settings, client)
+            sync.set(registry.model_store_key(settings), "store-b")
+            other_store = await defence.judge(f"{settings.model_id}:3", window)
+            sync.set(registry.model_store_key(settings), "store-a")
+            judged = await defence.judge(f"{settings.model_id}:3", members("f", 6, rng))
+            return other_store, judged
+        finally:
+            await client.aclose()
+
+    other_store, judged = asyncio.run(scenario())
+    assert [m["verdict"] for m in other_store.members] == ["accept"] * 6
+    verdicts = [m["verdict"] for m in judged.members]
+    assert verdicts == ["accept", "accept", "reject", "accept", "accept", "accept"]
+    seat = judged.members[2]
+    assert seat["flags"] == ["equivocation"] and seat["evidence"] == "reject" and seat["weight"] == 0.0
+    assert judged.stats["equivocated"] == 1
+    history = sync.lrange(f"{reputation_key(settings, 'dev-0002')}:history", 0, 0)
+    assert '"equivocation"' in history[0]
+    for key in sync.scan_iter(f"{settings.redis_prefix}:*"):
+        sync.delete(key)

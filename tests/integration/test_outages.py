@@ -263,11 +263,18 @@ def test_the_fleet_counts_and_logs_only_sends_the_broker_acknowledged(settings, 
         before = sent()
         assert fleet.run_round(meta) == settings.devices_per_round
         assert sent() - before == settings.devices_per_round
+        # sampled again on the same version: a device the broker took an update from does not send a second one
+        # (equivocation would cost it its seat); the others of the new draw do
+        again = set(fleet.select(0, 1)) - set(fleet.select(0, 0))
+        assert len(again) < settings.devices_per_round  # the draws overlap
+        assert fleet.run_round(meta, attempt=1) == len(again)
+        assert set(fleet.last_base) == {fleet.ids[i] for i in set(fleet.select(0, 0)) | again}
 
         broker.kill()
         broker.wait(10)
         before, failed_before = sent(), failed()
         caplog.clear()
+        meta = ModelStore(settings.models_dir).save(1, params, {"model_id": settings.model_id, "parent": 0})
         assert fleet.run_round(meta, attempt=1) == 0
         assert sent() == before
         assert failed() - failed_before == settings.devices_per_round

@@ -432,6 +432,34 @@ def test_one_update_per_device_per_base_version_across_restarts_and_floods(env):
     assert restarted == ["ok", "window_duplicate"]
     assert next_version == ["ok", "window_duplicate"]
     assert admission.admission_state(client, env.settings, "dev-a")["window_base"] == "1"
+    # each second update was recorded as equivocation for its base version; the honest device and the re-delivery
+    # were not
+    for base in (0, 1):
+        assert client.smembers(registry.equivocated_key(env.settings, "-", base)) == {"dev-a"}
+        assert 0 < client.ttl(registry.equivocated_key(env.settings, "-", base)) <= 7 * 24 * 3600
+
+
+def test_equivocation_is_recorded_per_model_store_and_only_for_the_base_version_of_the_seat(env):
+    """A second update for the base version a device holds a seat for is equivocation (the window stage rejects the
+    seat too); one for an *older* base version is only refused (nothing of it is in that window). The record is kept
+    under the model store's id, so that a store started afresh, which reuses version numbers, does not inherit it."""
+    f = env.fleet
+    f.enroll("dev-e")
+    client = f.redis
+    client.set(registry.model_store_key(env.settings), "store-1")
+    client.set(registry.model_version_key(env.settings), 1)
+
+    async def scenario(make):
+        v = make()
+        return await codes(v, [(f.seal("dev-e", base=1), b"dev-e", "0:1"),
+                               (f.seal("dev-e", base=0), b"dev-e", "0:2"),
+                               (f.seal("dev-e", base=1), b"dev-e", "0:3")])
+
+    assert env.run(scenario, one_update_per_window=True, max_staleness=1) == ["ok", "window_duplicate",
+                                                                               "window_duplicate"]
+    assert client.smembers(registry.equivocated_key(env.settings, "store-1", 1)) == {"dev-e"}
+    assert not client.exists(registry.equivocated_key(env.settings, "store-1", 0))
+    assert not client.exists(registry.equivocated_key(env.settings, "-", 1))
 
 
 def test_window_duplicate_detail_names_the_version_and_a_state_from_before_the_rule_is_read(env):
@@ -448,3 +476,27 @@ def test_window_duplicate_detail_names_the_version_and_a_state_from_before_the_r
     ok, dup = env.run(scenario, one_update_per_window=True)
     assert code(ok) == "ok" and code(dup) == "window_duplicate"
     assert dup.authenticated and dup.device_id == "dev-o" and "base version 0" in dup.detail
+
+
+def test_a_copy_refused_for_an_empty_bucket_is_still_equivocation(env):
+    """A stuffer's bucket runs dry after its first copies; the rest are ``rate_limited``, and are still a second
+    signed update for the base version of its seat (recorded once per call, whatever the flood's size). A replay of
+    the seated record is not: it is not a new message of the device."""
+    f = env.fleet
+    f.enroll("dev-r")
+    client = f.redis
+    client.set(registry.model_version_key(env.settings), 0)
+
+    async def scenario(make):
+        v = make()
+        seat = f.seal("dev-r", base=0)
+        first = await codes(v, [(seat, b"dev-r", "0:1")])
+        replayed = await codes(v, [(seat, b"dev-r", "0:2")])
+        assert not client.exists(registry.equivocated_key(env.settings, "-", 0))
+        flood = await codes(v, [(f.seal("dev-r", base=0), b"dev-r", f"0:{3 + i}") for i in range(5)])
+        return first, replayed, flood
+
+    first, replayed, flood = env.run(scenario, one_update_per_window=True, rate_device_capacity=1.0,
+                                     rate_device_refill_per_s=0.001)
+    assert first == ["ok"] and replayed == ["replay"] and flood == ["rate_limited"] * 5
+    assert client.smembers(registry.equivocated_key(env.settings, "-", 0)) == {"dev-r"}

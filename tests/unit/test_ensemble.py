@@ -265,3 +265,47 @@ def test_a_sybil_group_along_minus_the_mean_does_not_become_the_reference_for_ho
     verdicts = [m.verdict for m in verdict.members]
     assert verdicts[n_honest:] == ["reject"] * copies
     assert "reject" not in verdicts[:n_honest], [(m.verdict, m.flags) for m in verdict.members]
+
+
+def test_an_equivocating_member_is_rejected_whatever_its_update_looks_like():
+    """A device that sent another update for the window's base version (window stuffing, a flood) loses its seat,
+    even when the seated update is indistinguishable from an honest one: here it *is* an honest update."""
+    x, _ = honest_window(seed=1)
+    flagged = [False] * 10
+    flagged[3] = True
+    n = 10
+    res = score_window(np.linalg.norm(x, axis=1), x, [None] * n, None, np.full(n, 0.5), equivocated=flagged)
+    assert verdicts(res) == ["accept"] * 3 + ["reject"] + ["accept"] * 6
+    m = res.members[3]
+    assert m.weight == 0.0 and m.evidence == "reject" and m.flags == ["equivocation"]
+    assert any(r.startswith("equivocation:") for r in m.reasons)
+    assert res.stats["equivocated"] == 1
+    # without the input (or all False) nothing changes
+    assert verdicts(run(x)) == ["accept"] * 10
+    plain = score_window(np.linalg.norm(x, axis=1), x, [None] * n, None, np.full(n, 0.5), equivocated=[False] * n)
+    assert verdicts(plain) == ["accept"] * 10 and plain.stats["equivocated"] == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_equivocating_members_are_not_the_reference_for_the_honest(seed):
+    """Four stuffers of ten with a clean record (trust 0.9, against the honest members' 0.5), each along minus the
+    honest direction at the honest norm with its own noise (no Sybil group): they are rejected, and as they are left
+    out of every centre, no honest member is rejected (as references they got 1 to 4 honest members rejected in each of
+    these seeds)."""
+    x, g = honest_window(seed=seed)
+    rng = np.random.default_rng(100 + seed)
+    median = float(np.median(np.linalg.norm(x, axis=1)))
+    for i in range(4):
+        v = -g + 0.6 * rng.standard_normal(K) / np.sqrt(K)
+        x[i] = v / np.linalg.norm(v) * median
+    eq = [True] * 4 + [False] * 6
+    trust = np.array([0.9] * 4 + [0.5] * 6)
+    res = score_window(np.linalg.norm(x, axis=1), x, [None] * 10, None, trust, equivocated=eq)
+    assert verdicts(res)[:4] == ["reject"] * 4
+    assert "reject" not in verdicts(res)[4:], [(m.verdict, m.flags) for m in res.members]
+
+
+def test_equivocated_must_match_the_window():
+    x, _ = honest_window(n=3)
+    with pytest.raises(ValueError, match="equivocated"):
+        score_window(np.linalg.norm(x, axis=1), x, [None] * 3, None, np.ones(3), equivocated=[True, False])

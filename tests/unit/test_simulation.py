@@ -82,6 +82,9 @@ def test_window_stuffing_gets_one_seat_per_device():
         assert r["honest"] + r["malicious"] == 10  # no honest member pushed out
         assert r["refused_malicious"] == 9 * r["sampled_malicious"]  # count = window size: 9 copies refused each
         assert r["refused_honest"] == 0
+        # the copies are equivocation: the seated one is rejected too, and no honest member is
+        assert r["rejected_malicious"] == r["malicious"] and r["rejected_honest"] == 0
+        assert r["votes_malicious"]["equivocation"] == r["malicious"] and r["votes_honest"]["equivocation"] == 0
 
 
 def test_quarantined_devices_are_not_sampled_and_come_back_after_probation_in_rounds():
