@@ -435,8 +435,12 @@ def notes(report: dict[str, Any]) -> list[str]:
         a = s["window_stuffing"]
         out.append(f"window_stuffing: every copy after a device's first was refused before the window "
                    f"({a['refused_malicious']} updates, `window_duplicate`), so a stuffer holds one seat; the seat is "
-                   f"the base attack's update (default `backdoor`: plain backdoor training at the honest scale), "
-                   f"flagged {pct(a['tp'])}: the same blind spot as constrain_and_scale and badnets below.")
+                   f"the base attack's update (default `backdoor`: plain backdoor training at the honest scale, the "
+                   f"same blind spot as constrain_and_scale and badnets below), and the copies are equivocation: "
+                   f"{pct(a['votes_tp'].get('equivocation', 0.0))} of the seats were rejected for it "
+                   f"({pct(a['tp_reject'])} rejected in all; {a['attackers_quarantined_at_end']} of "
+                   f"{a['compromised_devices_seen']} stuffers quarantined by "
+                   f"the end).")
     if "model_replacement" in s:
         a = s["model_replacement"]
         line = (f"model_replacement (library default, class_weight 0.7: the backdoor is trained with the "
