@@ -1,4 +1,5 @@
-"""``fedguard eval``: the attack x defence matrix, in process (issue 10, items 1 and 3).
+"""``fedguard eval``: the attack x defence matrix, in process (issue 10, items 1 and 3), or ``--live`` through the
+embedded pipeline (item 2, :mod:`fedguard.live_eval`).
 
 Every cell (rule x detection x attack x fraction x seed) is one :func:`fedguard.simulation.simulate` run, i.e. the
 live pipeline's own data split, local training, attacks, validation, detectors, reputation and rules, without Kafka.
@@ -226,6 +227,7 @@ def cell_record(config: SimulationConfig, result: dict[str, Any], key: str) -> d
         "detection_rates": {k: det[k] for k in ("tp", "fp", "tp_reject", "fp_reject", "malicious", "honest",
                                                 "flagged_malicious", "flagged_honest")},
         "simulation": result["config"], "seconds": result["seconds"],
+        "mode": "live" if result.get("live") else "in-process",
     }
 
 
@@ -239,15 +241,17 @@ def _write_json(path: Path, data: Any) -> None:
 def run_matrix(rules: Sequence[str], attacks: Sequence[str], fractions: Sequence[float], seeds: Sequence[int],
                rounds: int, task: str, out_dir: str | Path, detection: Sequence[str] = ("ensemble",),
                rule_params: dict[str, Any] | None = None, attack_start: int = 5, workers: int = 2,
-               overrides: dict[str, Any] | None = None, plots: bool = True) -> dict[str, Any]:
+               overrides: dict[str, Any] | None = None, plots: bool = True, live: bool = False) -> dict[str, Any]:
     """Run every cell not yet in ``out_dir/cells``, then write the reports; returns ``results.json``'s content.
-    ``overrides``: further :class:`SimulationConfig` fields for every cell (``num_devices``, ``per_round``, ...)."""
+    ``overrides``: further :class:`SimulationConfig` fields for every cell (``num_devices``, ``per_round``, ...).
+    ``live``: each cell runs through the real embedded pipeline instead (:mod:`fedguard.live_eval`), one after
+    the other; its key ends in ``__live``, so live and in-process cells of the same config can share ``out_dir``."""
     out = Path(out_dir)
     overrides = dict(overrides or {})
     configs = plan(rules, attacks, fractions, seeds, rounds, task, detection, rule_params, attack_start, **overrides)
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    keys = [cell_key(c) for c in configs]
+    keys = [cell_key(c) + ("__live" if live else "") for c in configs]
     todo = [i for i, k in enumerate(keys) if not (cells_dir / f"{k}.json").exists()]
     if len(todo) < len(configs):
         print(f"fedguard eval: {len(configs) - len(todo)} of {len(configs)} cells already in {cells_dir}, "
@@ -257,12 +261,15 @@ def run_matrix(rules: Sequence[str], attacks: Sequence[str], fractions: Sequence
         i = todo[j]
         _write_json(cells_dir / f"{keys[i]}.json", cell_record(configs[i], result, keys[i]))
 
-    if todo:
+    if todo and live:
+        run_live([configs[i] for i in todo], out / "live", [keys[i] for i in todo], on_result=save)
+    elif todo:
         run_many([configs[i] for i in todo], workers=min(default_workers(workers), len(todo)), desc="eval",
                  on_result=save)
     cells = [json.loads((cells_dir / f"{k}.json").read_text()) for k in keys]
     results = {
-        "config": {"rules": list(rules), "detection": list(detection), "attacks": list(attacks),
+        "config": {"mode": "live" if live else "in-process", "rules": list(rules), "detection": list(detection),
+                   "attacks": list(attacks),
                    "fractions": [float(f) for f in fractions], "seeds": [int(s) for s in seeds],
                    "rounds": int(rounds), "task": task, "attack_start": int(attack_start),
                    "rule_params": {r: _params_for(r, rule_params or {}) for r in rules}, "overrides": overrides,
@@ -272,6 +279,25 @@ def run_matrix(rules: Sequence[str], attacks: Sequence[str], fractions: Sequence
     _write_json(out / "results.json", results)
     write_reports(results, out, plots=plots)
     return results
+
+
+def run_live(configs: list[SimulationConfig], work_dir: Path, keys: list[str],
+             on_result: Callable[[int, dict[str, Any]], None]) -> None:
+    """Run ``configs`` through the embedded pipeline one after the other (each starts its own broker, Redis and
+    services: two at once would share two cores between eight processes), behind one bar over every round. A
+    finished cell's stack data (model store, Redis) is deleted; its logs stay in ``work_dir/<key>/logs``."""
+    import shutil
+
+    from tqdm import tqdm
+
+    from fedguard.live_eval import run_live_cell
+
+    with tqdm(total=sum(c.rounds for c in configs), desc="eval --live", unit="round", dynamic_ncols=True) as bar:
+        for j, (config, key) in enumerate(zip(configs, keys)):
+            bar.set_postfix_str(key.split("__")[0] + " / " + (config.attack or CLEAN))
+            result = run_live_cell(config, work_dir / key, progress=lambda _r: bar.update(1))
+            shutil.rmtree(work_dir / key / "data", ignore_errors=True)
+            on_result(j, result)
 
 
 # -- reports --------------------------------------------------------------------------------------------------
@@ -323,7 +349,9 @@ def results_markdown(results: dict[str, Any], rows: list[dict[str, Any]], images
         "deviation over seeds. Detection TP = malicious window members whose verdict is not accept / malicious "
         "members, FP = likewise for honest members, over the rounds from the attack's start (clean runs: every "
         "round). Rounds carried over: the rule got too few admitted updates or its precondition failed, so the "
-        "parameters did not change (a count, not %). `none` is the clean baseline (fraction 0).", "",
+        "parameters did not change (a count, not %). `none` is the clean baseline (fraction 0)."
+        + (" Every cell ran through the real embedded pipeline (`--live`: broker, Redis, processors, aggregator, "
+           "fleet; fedguard/live_eval.py)." if cfg.get("mode") == "live" else ""), "",
         "| rule | detection | attack | fraction | seeds | " + " | ".join(label for _, label in METRICS) + " |",
         "|---|---|---|---:|---:|" + "---:|" * len(METRICS),
     ]
@@ -433,7 +461,7 @@ def _split(text: str | None) -> list[str]:
 
 def add_eval_parser(subparsers: Any, common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
     """The ``eval`` subcommand; ``common`` adds the shared settings flags (``--task``, ``--devices``, ...)."""
-    p = subparsers.add_parser("eval", help="the attack x defence matrix, in process: results.json/.md, heat maps",
+    p = subparsers.add_parser("eval", help="the attack x defence matrix, in process (or --live): results.json/.md, heat maps",
                               description="Every cell (rule x detection x attack x fraction x seed) runs the "
                               "pipeline's own code in process (fedguard.simulation), on a process pool, resumable "
                               "(finished cells in OUT/cells are not rerun). Outputs: docs/evaluation.md.")
@@ -453,6 +481,10 @@ def add_eval_parser(subparsers: Any, common: Callable[[argparse.ArgumentParser],
     p.add_argument("--out", default="eval-results", help="output directory (default eval-results)")
     p.add_argument("--workers", type=int, default=2, help="processes (default 2, at most the CPU count)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("--live", action="store_true",
+                   help="run the cells through the real embedded pipeline (its own broker, Redis and services per "
+                   "cell, one cell at a time; ~3x slower than in process) instead of in process; live cells are "
+                   "kept beside in-process ones (key suffix __live)")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -516,7 +548,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _usage(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     started = time.perf_counter()
     results = run_matrix(rules, attacks, fractions, seeds, args.rounds, settings.task, args.out, detection,
-                         rule_params, args.attack_start, args.workers, overrides=overrides, plots=not args.no_plots)
+                         rule_params, args.attack_start, args.workers, overrides=overrides, plots=not args.no_plots,
+                         live=args.live)
     print(f"{len(results['cells'])} cells in {time.perf_counter() - started:.0f} s: {Path(args.out) / 'results.md'}, "
           f"results.json, heat maps and curves/ in {args.out}")
     return 0

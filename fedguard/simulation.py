@@ -169,6 +169,15 @@ class SimulationConfig:
         return math.ceil(self.probation_s / self.round_duration_s)
 
 
+def compromised_devices(num_devices: int, fraction: float, seed: int) -> list[int]:
+    """The device indices a run with ``seed`` compromises: ``max(1, round(fraction x num_devices))`` of them
+    (producers.campaign's count), drawn with a generator seeded by (seed, 0xC0), sorted. ``fedguard eval --live``
+    compromises the same ones."""
+    count = max(1, min(num_devices, round(fraction * num_devices)))
+    rng = np.random.default_rng([seed, 0xC0])
+    return sorted(rng.choice(num_devices, count, replace=False).tolist())
+
+
 def sketch_seed(seed: int) -> int:
     """The 128-bit sketch seed of a simulation, derived from ``config.seed`` with SHAKE-256 (reproducible, hence
     *not* secret: experiments only; the live pipeline draws it from :mod:`secrets`)."""
@@ -183,9 +192,10 @@ def detection_rates(rounds: list[dict[str, Any]], from_round: int = 1) -> dict[s
     per detector ``votes_tp`` / ``votes_fp`` (share of malicious / honest members it voted against). A rate is None
     when there is nothing to divide by."""
     rs = [r for r in rounds if r["round"] >= from_round]
-    tot = {k: sum(r[k] for r in rs) for k in ("malicious", "honest", "flagged_malicious", "flagged_honest",
-                                              "rejected_malicious", "rejected_honest", "refused_malicious",
-                                              "refused_honest")}
+    # (refused_* are None in a live cell's rounds: fedguard/live_eval.py)
+    tot = {k: sum(r[k] or 0 for r in rs) for k in ("malicious", "honest", "flagged_malicious", "flagged_honest",
+                                                   "rejected_malicious", "rejected_honest", "refused_malicious",
+                                                   "refused_honest")}
     rate = lambda a, b: (a / b) if b else None  # noqa: E731
     out: dict[str, Any] = {**tot,
                            "tp": rate(tot["flagged_malicious"], tot["malicious"]),
@@ -235,9 +245,7 @@ class _Simulation:
         self.attack_state: dict = {}
         self.events: dict[str, list[int]] = {"quarantined": [], "released": []}
         if c.attack is not None:
-            count = max(1, min(c.num_devices, round(c.fraction * c.num_devices)))  # producers.campaign's count
-            rng = np.random.default_rng([c.seed, 0xC0])
-            self.compromised = sorted(rng.choice(c.num_devices, count, replace=False).tolist())
+            self.compromised = compromised_devices(c.num_devices, c.fraction, c.seed)
             rounds = c.attack_rounds if c.attack_rounds is not None else SINGLE_SHOT.get(c.attack)
             self.campaign = Campaign(kind=c.attack, params=dict(c.attack_params), fraction=c.fraction,
                                      devices=[self.ids[i] for i in self.compromised],

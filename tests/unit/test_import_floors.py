@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("producers", "processors", "aggregator")
 COMPOSITION = {"fedguard.cli", "fedguard.stack", "fedguard.demo", "fedguard.simulation",
-               "fedguard.evaluation_matrix", "fedguard.annotator", "fedguard.watch"}
+               "fedguard.evaluation_matrix", "fedguard.live_eval", "fedguard.annotator", "fedguard.watch"}
 
 
 def modules() -> dict[str, Path]:
