@@ -86,6 +86,19 @@ class Watcher:
                     self.rejected[value["reason"]] += 1
                     self.rejected_total += 1
 
+    def version_and_window(self, stack: EmbeddedStack, version: int,
+                           deadline: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Poll until ``version``'s metadata and the window it was built from (if any) have arrived; raises as
+        :func:`_check` does when a process dies or ``deadline`` (monotonic) passes."""
+        while version not in self.models:
+            _check(stack, deadline, f"version {version}")
+            self.poll()
+        meta = self.models[version]
+        while meta.get("window_id") and meta["window_id"] not in self.windows:
+            _check(stack, deadline, f"window {meta['window_id']}")
+            self.poll()
+        return meta, self.windows.get(meta.get("window_id"))
+
     def close(self) -> None:
         self.consumer.close()
 
@@ -231,14 +244,7 @@ def _follow(stack: EmbeddedStack, watcher: Watcher, rounds: int, round_timeout_s
     try:
         while len(lines) < rounds:
             version = len(lines) + 1
-            deadline = last_time + round_timeout_s
-            while version not in watcher.models:
-                _check(stack, deadline, f"version {version}")
-                watcher.poll()
-            meta = watcher.models[version]
-            while meta.get("window_id") and meta["window_id"] not in watcher.windows:
-                _check(stack, deadline, f"window {meta['window_id']}")
-                watcher.poll()
+            meta, window = watcher.version_and_window(stack, version, last_time + round_timeout_s)
             now = time.monotonic()
             ledger = malicious()
             bad_devices = {m["device_id"] for w in watcher.windows.values() for m in w.get("members", [])
@@ -248,7 +254,7 @@ def _follow(stack: EmbeddedStack, watcher: Watcher, rounds: int, round_timeout_s
                              accuracy=meta["metrics"]["accuracy"], loss=meta["metrics"]["loss"],
                              seconds=round(now - last_time, 2),
                              backdoor_accuracy=meta["metrics"].get("backdoor_accuracy"),
-                             **_attackers(watcher.windows.get(meta.get("window_id")), ledger),
+                             **_attackers(window, ledger),
                              **audit_of(meta, bad_devices))
             rejected_before, last_time = watcher.rejected_total, now
             lines.append(line)

@@ -126,17 +126,8 @@ def _follow(stack: EmbeddedStack, watcher: Any, config: "SimulationConfig", bad_
     initial = watcher.models[0]
     rounds: list[dict[str, Any]] = []
     for version in range(1, config.rounds + 1):
-        deadline = time.monotonic() + round_timeout_s
-        while version not in watcher.models:
-            _check(stack, deadline, f"version {version}")
-            watcher.poll()
-        meta = watcher.models[version]
-        while meta.get("window_id") and meta["window_id"] not in watcher.windows:
-            _check(stack, deadline, f"window {meta['window_id']}")
-            watcher.poll()
-        window = watcher.windows.get(meta.get("window_id")) or {"members": []}
-        malicious = ledger()
-        record = round_record(version, meta, window, malicious, bad_ids, votes)
+        meta, window = watcher.version_and_window(stack, version, time.monotonic() + round_timeout_s)
+        record = round_record(version, meta, window or {"members": []}, ledger(), bad_ids, votes)
         rounds.append(record)
         if progress is not None:
             progress(record)
