@@ -12,9 +12,12 @@ own valid keys, and each malicious update is recorded in the campaign's ledger (
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,8 +96,8 @@ class Fleet:
         self.server_public = public_from_hex(server_hex)
         self.aead_keys = {d: self._derive(d) for d in self.ids}
         # device -> the highest base version the broker acknowledged an update of it for (one per base version;
-        # an update the broker did not acknowledge may be sent again)
-        self.last_base: dict[str, int] = {}
+        # an update the broker did not acknowledge may be sent again), kept across restarts (load_sent)
+        self.last_base: dict[str, int] = self.load_sent()
         self.task = load_task(settings.task, seed=settings.seed)
         self.spec = model_spec(self.task, settings.hidden_widths())
         self.model = build_model(self.spec, seed=settings.seed)
@@ -197,11 +200,14 @@ class Fleet:
         base = load_weights(meta["path"], meta["sha256"])
         version = int(meta["version"])
         selected = self.select(version, attempt)
-        # a device the broker already took an update from for this version (an earlier attempt of the round) does not
-        # send another: that would be equivocation, and cost it the seat it has
-        selected = [i for i in selected if self.last_base.get(self.ids[i], -1) < version]
+        # a device the broker already took an update from for this version (an earlier attempt of the round, or before
+        # the fleet restarted) does not send another: that would be equivocation, and cost it the seat it has
+        fresh = [i for i in selected if self.last_base.get(self.ids[i], -1) < version]
         if not selected:
             log.warning("no active device to sample on version %d (all revoked or quarantined)", version)
+        elif not fresh:
+            log.info("every device sampled on version %d (attempt %d) has sent for it already", version, attempt)
+        selected = fresh
         campaign = self._campaign(version)
         compromised = [i for i in selected if campaign is not None and self.ids[i] in campaign.devices]
         sent, honest_deltas = 0, []
@@ -217,6 +223,7 @@ class Fleet:
         if compromised and not (stop is not None and stop.is_set()):
             sent += self.attack(campaign, compromised, base, version, honest_deltas)
         acknowledged = self.confirm()
+        self.save_sent()
         self.sync_keystore()
         ROUND.labels(self.settings.model_id).set(version)
         log.info("trained on version %d (attempt %d): %d updates sent (acknowledged by the broker, of %d)%s",
@@ -271,6 +278,33 @@ class Fleet:
         log.warning("campaign %s (%s): %d devices sent %d malicious updates on version %d", campaign.id,
                     campaign.kind, len(crafted), len(entries), version)
         return len(entries)
+
+    def sent_path(self) -> Path:
+        return self.settings.data_dir / "fleet-sent.json"
+
+    def load_sent(self) -> dict[str, int]:
+        """What each device sent before a restart (each device's own memory of it, as its sequence number is): the
+        base versions of :meth:`save_sent`, if they belong to the model store the stack runs now (a store started
+        afresh reuses version numbers), else nothing."""
+        try:
+            saved = json.loads(self.sent_path().read_text())
+            if saved.get("store") != self.redis.get(registry.model_store_key(self.settings)):
+                return {}
+            return {str(d): int(v) for d, v in saved["last_base"].items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # damaged: forget it, and say so
+            log.warning("ignoring %s: %r", self.sent_path(), exc)
+            return {}
+
+    def save_sent(self) -> None:
+        """Write :attr:`last_base` with the model store's id (atomically: a temporary file, then a rename)."""
+        path = self.sent_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"store": self.redis.get(registry.model_store_key(self.settings)),
+                                   "last_base": self.last_base}))
+        os.replace(tmp, path)
 
     def train(self, index: int, base: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
         shard = self.shards[index]

@@ -269,6 +269,21 @@ def test_the_fleet_counts_and_logs_only_sends_the_broker_acknowledged(settings, 
         assert len(again) < settings.devices_per_round  # the draws overlap
         assert fleet.run_round(meta, attempt=1) == len(again)
         assert set(fleet.last_base) == {fleet.ids[i] for i in set(fleet.select(0, 0)) | again}
+        # ... and after a restart: the fleet remembers it per model store (a store started afresh reuses versions)
+        restarted = Fleet(settings)
+        restarted.producer.close(timeout=5)
+        restarted.producer = fleet.producer
+        assert restarted.last_base == fleet.last_base
+        assert restarted.run_round(meta) == 0
+        client = registry.connect(settings)
+        store = client.get(registry.model_store_key(settings))
+        client.set(registry.model_store_key(settings), "another-store")
+        assert restarted.load_sent() == {}
+        if store:
+            client.set(registry.model_store_key(settings), store)
+        else:
+            client.delete(registry.model_store_key(settings))
+        restarted.models.close()
 
         broker.kill()
         broker.wait(10)
