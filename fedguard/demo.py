@@ -91,7 +91,7 @@ class Watcher:
         """Poll until ``version``'s metadata and the window it was built from (if any) have arrived; raises as
         :func:`_check` does when a process dies or ``deadline`` (monotonic) passes."""
         while version not in self.models:
-            _check(stack, deadline, f"version {version}")
+            _check(stack, deadline, "the initial model" if version == 0 else f"version {version}")
             self.poll()
         meta = self.models[version]
         while meta.get("window_id") and meta["window_id"] not in self.windows:
@@ -234,11 +234,7 @@ def run_demo(settings: Settings, rounds: int, plot: str | Path, fresh: bool = Tr
 def _follow(stack: EmbeddedStack, watcher: Watcher, rounds: int, round_timeout_s: float,
             malicious: Callable[[], set[str]]) -> tuple[list[RoundLine], dict[str, Any]]:
     lines: list[RoundLine] = []
-    deadline = time.monotonic() + round_timeout_s
-    while 0 not in watcher.models:
-        _check(stack, deadline, "the initial model")
-        watcher.poll()
-    initial = watcher.models[0]
+    initial, _ = watcher.version_and_window(stack, 0, time.monotonic() + round_timeout_s)
     last_time, rejected_before = time.monotonic(), 0
     bar = tqdm(total=rounds, desc="rounds", unit="round", dynamic_ncols=True)
     try:

@@ -45,8 +45,7 @@ def live_settings(config: "SimulationConfig", data_dir: Path, base: Settings | N
     """The settings that run ``config`` live: the cell's task, fleet, rule, detection, audit and training, one window
     per round of ``per_round`` members, free ports, everything in ``data_dir``."""
     base = base or from_env()
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    ports = {name: free_port() for name in PORTS if name in fields}
+    ports = {name: free_port() for name in PORTS}
     return dataclasses.replace(
         base, kafka_bootstrap=None, redis_url=None, data_dir=Path(data_dir), **ports,
         task=config.task, seed=config.seed, num_devices=config.num_devices, devices_per_round=config.per_round,
@@ -69,7 +68,6 @@ def run_live_cell(config: "SimulationConfig", work_dir: str | Path, progress: Ca
 
     from fedguard.demo import Watcher
     from fedguard.simulation import VOTES, compromised_devices, detection_rates, sketch_seed
-    from fedguard.tasks import load_task
     from producers import campaign
     from producers.enroll import device_ids
 
@@ -99,7 +97,7 @@ def run_live_cell(config: "SimulationConfig", work_dir: str | Path, progress: Ca
             watcher.close()
     backdoor = [r["backdoor_accuracy"] for r in rounds if r["backdoor_accuracy"] is not None]
     result = {
-        "config": asdict(config), "live": True, "task": load_task(config.task, seed=config.seed).name,
+        "config": asdict(config), "live": True, "task": config.task,
         "compromised": list(bad),
         "initial": {"main_accuracy": float(initial["metrics"]["accuracy"]),
                     "backdoor_accuracy": initial["metrics"].get("backdoor_accuracy")},
@@ -117,13 +115,7 @@ def _follow(stack: EmbeddedStack, watcher: Any, config: "SimulationConfig", bad_
             progress: Callable[[dict], None] | None, ledger: Callable[[], set[str]],
             votes: tuple[str, ...]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One record per version 1..rounds, as the simulation records a round (what the topics tell)."""
-    from fedguard.demo import _check
-
-    deadline = time.monotonic() + round_timeout_s
-    while 0 not in watcher.models:
-        _check(stack, deadline, "the initial model")
-        watcher.poll()
-    initial = watcher.models[0]
+    initial, _ = watcher.version_and_window(stack, 0, time.monotonic() + round_timeout_s)
     rounds: list[dict[str, Any]] = []
     for version in range(1, config.rounds + 1):
         meta, window = watcher.version_and_window(stack, version, time.monotonic() + round_timeout_s)
