@@ -227,9 +227,13 @@ def device_keys(settings: Settings) -> dict[str, bytes]:
             for d, k in store.devices.items()}
 
 
-def fill_raw_topic(settings: Settings, count: int, payload: bytes, desc: str) -> int:
-    """Seal ``count`` updates (the same tensor, ``DEVICES`` devices in turn, base version 0) and publish them to the
-    raw topic keyed by device id, as the fleet does. Returns the record size in bytes."""
+def fill_raw_topic(settings: Settings, num_params: int, count: int, desc: str) -> int:
+    """Seal ``count`` updates (``DEVICES`` devices in turn, base version 0) and publish them to the raw topic keyed
+    by device id, as the fleet does. Returns the record size in bytes. Each update is its own N(0, 1e-3) noise
+    (seeded: the same records in every measurement), not one tensor for all: the window stage quarantines
+    near-identical updates of different devices at once (processors.detectors.sybil), which would turn a device's
+    later records into ``quarantined``."""
+    rng = np.random.default_rng(0)
     keys = device_keys(settings)
     devices = sorted(keys)[:DEVICES]
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
@@ -240,6 +244,7 @@ def fill_raw_topic(settings: Settings, count: int, payload: bytes, desc: str) ->
             device = devices[i % len(devices)]
             header = UpdateHeader.new(device_id=device, seq=i // len(devices) + 1, base_version=0, num_samples=100,
                                       model_id=settings.model_id)
+            payload = encode_tensor(rng.normal(0, 1e-3, num_params).astype(np.float32))
             sealed = envelope.seal(header, payload, keys[device])
             size = len(sealed)
             producer.send(settings.topics.raw, key=device.encode(), value=sealed)
@@ -250,13 +255,13 @@ def fill_raw_topic(settings: Settings, count: int, payload: bytes, desc: str) ->
 
 
 def prepare_measurement(bootstrap: str, redis_url: str, data_dir: Path, tag: str, count: int,
-                        payload: bytes) -> tuple[Settings, int]:
+                        num_params: int) -> tuple[Settings, int]:
     """Topics, server key, operator credential and 1,024 enrolled devices in a fresh namespace (``fedguard init``),
     the model version key at 0 (as the aggregator sets it), and the raw topic filled."""
     settings = bench_settings(bootstrap, redis_url, data_dir, tag, count)
     initialize(settings)
     registry.connect(settings).set(registry.model_version_key(settings), 0)
-    return settings, fill_raw_topic(settings, count, payload, f"fill {tag}")
+    return settings, fill_raw_topic(settings, num_params, count, f"fill {tag}")
 
 
 # -- floor: the broker's raw consume rate -----------------------------------------------------------------------------
@@ -497,14 +502,13 @@ def profile_worker(args: argparse.Namespace, workdir: Path) -> str:
     log_dir = workdir / "logs"
     log_dir.mkdir(parents=True)
     num_params = model_spec(TASK, Settings(model_hidden=HIDDEN).hidden_widths()).num_params
-    payload = encode_tensor(np.random.default_rng(0).normal(0, 1e-3, num_params).astype(np.float32))
     stats_path = Path(args.profile).resolve()
     (workdir / "redis").mkdir()
     with running_broker(log_dir / "broker.log") as (bootstrap, broker_pid), \
             temporary_redis(workdir / "redis") as redis_url:
         infra = {"broker": broker_pid, "redis": redis_pid(redis_url)}
         settings, record_bytes = prepare_measurement(bootstrap, redis_url, workdir / "data", "prof", args.count,
-                                                     payload)
+                                                     num_params)
         run = run_workers(settings, 1, args.count, log_dir, infra, "prof", profile_to=stats_path)
     if not stats_path.exists():
         raise BenchError(f"the profiled worker wrote no stats to {stats_path}")
@@ -705,7 +709,6 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     log_dir = workdir / "logs"
     log_dir.mkdir(parents=True)
     num_params = model_spec(TASK, Settings(model_hidden=HIDDEN).hidden_widths()).num_params
-    payload = encode_tensor(np.random.default_rng(0).normal(0, 1e-3, num_params).astype(np.float32))
     configs = [1, 2]
     out: dict[str, Any] = {"num_params": num_params, "repeats": []}
     (workdir / "redis").mkdir()
@@ -718,7 +721,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             for workers in configs if r % 2 == 0 else list(reversed(configs)):  # alternate the order
                 tag = f"w{workers}r{r}"
                 settings, out["record_bytes"] = prepare_measurement(bootstrap, redis_url, workdir / "data", tag,
-                                                                    args.count, payload)
+                                                                    args.count, num_params)
                 progress.set_postfix_str(f"{tag}: floor")
                 repeat["floor"].append(floor_rate(settings, args.count, infra))
                 progress.update(1)
@@ -955,7 +958,9 @@ def reading_notes(measured: dict[str, Any], args: argparse.Namespace) -> list[st
         "turn, all at base version 0, so a device sends more than one per version: the bench settings turn "
         "`one_update_per_window` off and raise both token buckets' capacities to "
         "the record count. Every other check runs as deployed. Each measurement has its own topics, model id and "
-        "Redis namespace, and its records are sealed for it (fresh sequence numbers and timestamps).",
+        "Redis namespace, and its records are sealed for it (fresh sequence numbers and timestamps). Each record's "
+        "tensor is its own N(0, 1e-3) noise: copies of one tensor from different devices are Sybils, which the "
+        "window stage quarantines at once.",
         "* **Clock**: each validated run starts its workers on the filled topic; the clock starts at the first "
         f"metrics scrape (every {POLL_S:g} s) at which every worker has validated a record, so start-up, the group "
         "join and the first fetch are not timed, and it stops at the scrape where valid + rejected reach the count. "

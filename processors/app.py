@@ -58,6 +58,7 @@ from fedguard.updatestore import UpdateStore
 from processors.validation import CHECKS, ValidUpdate, Validator, byte_bounded
 from processors import windows as W
 from processors.defence import WindowDefence, quarantined_key
+from processors.detectors import load_clustering
 from processors.ensemble import DETECTORS
 
 log = logging.getLogger("fedguard.processors")
@@ -472,6 +473,7 @@ class WindowStage:
         self.events_topic = events_topic
         self.closing = asyncio.Lock()
         self._defence: WindowDefence | None = None
+        load_clustering()  # now, not at the first window close: the import would stall validation for 1-2 s
 
     def defence(self) -> WindowDefence:
         """Detection and reputation (made on the worker's event loop, at first use: its Redis client is bound to it)."""

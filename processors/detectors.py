@@ -523,6 +523,19 @@ def distance(sketches: np.ndarray, *, labels: np.ndarray | None = None, trust: n
 # --------------------------------------------------------------------------- #
 
 
+_HDBSCAN: Any = None
+
+
+def load_clustering() -> Any:
+    """``sklearn.cluster.HDBSCAN``, imported once. sklearn (with scipy) takes 1-2 s of CPU to import, so a worker
+    calls this when it starts: imported at the first window instead, it stalled validation for that long."""
+    global _HDBSCAN
+    if _HDBSCAN is None:
+        from sklearn.cluster import HDBSCAN
+        _HDBSCAN = HDBSCAN
+    return _HDBSCAN
+
+
 def flame_outliers(sketches: np.ndarray, *, labels: np.ndarray | None = None,
                    min_cluster_size: int | None = None) -> DetectorResult:
     """Collusion (b): FLAME's filtering step (Nguyen et al., "FLAME: Taming Backdoors in Federated Learning",
@@ -545,8 +558,7 @@ def flame_outliers(sketches: np.ndarray, *, labels: np.ndarray | None = None,
     m = reps.size
     if m < 3:
         return _empty(n, {"distinct": int(m)})
-    from sklearn.cluster import HDBSCAN  # local import: sklearn is slow to import
-
+    HDBSCAN = load_clustering()
     mcs = m // 2 + 1 if min_cluster_size is None else int(min_cluster_size)
     dist = np.clip(1.0 - cosine_matrix(s[reps]), 0.0, 2.0)
     np.fill_diagonal(dist, 0.0)

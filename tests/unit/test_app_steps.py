@@ -540,3 +540,12 @@ def test_finish_admission_turns_each_reply_line_into_its_records_outcome():
     assert isinstance(outcomes[0], ValidUpdate) and outcomes[0].norm == 0.5
     assert outcomes[1].reason is Reason.STALE and outcomes[1].detail.endswith("current is 6, max staleness 2")
     assert outcomes[2].reason is Reason.AUTH_FAILED  # the key changed again while validating: no second retry
+
+
+def test_window_stage_imports_the_clustering_when_it_is_made():
+    """sklearn's import (1-2 s of CPU) happens when the worker starts, not at its first window close, where it
+    stalled validation (bench/pipeline.py's profile)."""
+    from processors import detectors
+    detectors._HDBSCAN = None
+    stage()
+    assert detectors._HDBSCAN is not None and detectors._HDBSCAN.__name__ == "HDBSCAN"
