@@ -13,7 +13,9 @@ rule, with and without detection, seed 0). Each target of issue 10, item 5, is c
 * under ALIE, IPM, min-max, min-sum, sign flip and Gaussian the default defence keeps >= 95% of clean fedavg's final
   main accuracy;
 * detection: the ensemble's false-positive rate <= 1% of honest members, and a true-positive rate >= 95% per attack
-  that a per-window detector can see by design (:data:`NOT_DETECTABLE` says which cannot, and why).
+  that a per-window detector can see by design (:data:`NOT_DETECTABLE` says which cannot, and why), over the
+  crafted members of compromised devices where the cells recorded them (an honest copy, such as a lone ALIE
+  colluder's or model replacement's after its single shot, is not counted).
 
 Usage: ``python bench/eval_report.py [--results bench/results] [--out bench/results/eval.md]``.
 """
@@ -142,11 +144,22 @@ def detection_targets(default: list[dict[str, Any]], label: str) -> list[dict[st
         bad = sum(c["detection_rates"]["malicious"] for c in cells)
         tp = sum(c["detection_rates"]["flagged_malicious"] for c in cells)
         rate = tp / bad if bad else None
+        # Judged over the crafted members when every cell recorded them: an honest copy (a lone ALIE colluder,
+        # model replacement after its shot; fedguard.simulation.honest_copy) is nothing a detector should flag.
+        crafted = [c["detection_rates"].get("crafted") for c in cells]
+        if crafted and all(k is not None for k in crafted):
+            made = sum(crafted)
+            hit = sum(c["detection_rates"]["flagged_crafted"] for c in cells)
+            all_members = f"{pct(rate)} of all {bad} members of compromised devices"
+            rate = hit / made if made else None
+            shown = f"{attack} {pct(rate)} of {made} crafted ({all_members}, {bad - made} honest copies)"
+        else:
+            shown = f"{attack} {pct(rate)} (of all members of compromised devices: crafted not recorded)"
         if attack in NOT_DETECTABLE:
-            parts.append(f"{attack} {pct(rate)} (not detectable by design)")
+            parts.append(f"{shown} (not detectable by design)")
             continue
         met = met and rate is not None and rate >= MIN_TP
-        parts.append(f"{attack} {pct(rate)}" + ("" if rate is not None and rate >= MIN_TP else " (**not met**)"))
+        parts.append(shown + ("" if rate is not None and rate >= MIN_TP else " (**not met**)"))
     rows.append({"target": f"{label}: ensemble true positives >= 95 % per detectable attack",
                  "measured": "; ".join(parts) or "not run yet", "met": bool(attacks) and met})
     return rows

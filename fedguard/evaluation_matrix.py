@@ -51,10 +51,11 @@ ROUND_FIELDS = ("round", "main_accuracy", "backdoor_accuracy", "malicious", "hon
                 "flagged_honest", "rejected_malicious", "rejected_honest", "refused_malicious", "refused_honest",
                 "quarantined_malicious", "quarantined_honest", "admitted", "skipped", "audit", "served",
                 "attributed_malicious", "attributed_honest", "suspected_malicious", "suspected_honest",
-                "candidate_backdoor_accuracy")
+                "candidate_backdoor_accuracy", "crafted", "flagged_crafted", "rejected_crafted")
 #: (key in a cell, label) of the summary metrics, mean and std over seeds
 METRICS = (("final_main_accuracy", "final main acc."), ("max_backdoor_accuracy", "max backdoor acc."),
-           ("final_backdoor_accuracy", "final backdoor acc."), ("tp", "detection TP"), ("fp", "detection FP"),
+           ("final_backdoor_accuracy", "final backdoor acc."), ("tp", "detection TP"),
+           ("tp_crafted", "TP, crafted only"), ("fp", "detection FP"),
            ("carried_over", "rounds carried over"))
 #: the heat maps: (metric, file name part, colour map, title)
 HEATMAPS = (("final_main_accuracy", "main", "viridis", "final main accuracy"),
@@ -224,8 +225,9 @@ def cell_record(config: SimulationConfig, result: dict[str, Any], key: str) -> d
         "max_backdoor_accuracy": result["max_backdoor_accuracy"],
         "final_backdoor_accuracy": result["final_backdoor_accuracy"],
         "initial": result["initial"], "compromised": result["compromised"],
-        "detection_rates": {k: det[k] for k in ("tp", "fp", "tp_reject", "fp_reject", "malicious", "honest",
-                                                "flagged_malicious", "flagged_honest")},
+        "detection_rates": {k: det.get(k) for k in ("tp", "fp", "tp_reject", "fp_reject", "malicious", "honest",
+                                                    "flagged_malicious", "flagged_honest", "tp_crafted", "crafted",
+                                                    "flagged_crafted")},
         "simulation": result["config"], "seconds": result["seconds"],
         "mode": "live" if result.get("live") else "in-process",
     }
@@ -303,8 +305,8 @@ def run_live(configs: list[SimulationConfig], work_dir: Path, keys: list[str],
 # -- reports --------------------------------------------------------------------------------------------------
 
 def _metric(cell: dict[str, Any], name: str) -> float | None:
-    if name in ("tp", "fp"):
-        return cell["detection_rates"][name]
+    if name in ("tp", "fp", "tp_crafted"):
+        return cell["detection_rates"].get(name)  # tp_crafted: missing from cells recorded before it existed
     if name == "carried_over":  # rounds whose parameters carried over (too few admitted updates, a precondition)
         return float(sum(r["skipped"] is not None for r in cell["rounds"]))
     return cell[name]

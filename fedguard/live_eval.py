@@ -151,6 +151,8 @@ def round_record(version: int, meta: dict[str, Any], window: dict[str, Any], mal
         "flagged_malicious": flagged["malicious"], "flagged_honest": flagged["honest"],
         "rejected_malicious": rejected["malicious"], "rejected_honest": rejected["honest"],
         "refused_malicious": None, "refused_honest": None, "quarantined_malicious": None,
+        # whether an attacker's member was an honest copy is known in process only (fedguard.simulation.honest_copy)
+        "crafted": None, "flagged_crafted": None, "rejected_crafted": None,
         "quarantined_honest": None, "admitted": meta.get("accepted"), "skipped": (meta.get("rule_info") or {}).get(
             "skipped"), "votes_malicious": tally["malicious"], "votes_honest": tally["honest"],
         "devices": [int(m["device_id"].rsplit("-", 1)[1]) for m in window.get("members", [])],

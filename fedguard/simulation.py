@@ -46,7 +46,8 @@ Differences from the live pipeline, all for reproducible experiments:
 Result (``simulate`` returns a JSON-safe dict): ``config``, ``compromised`` (device indices), ``initial`` (main and
 backdoor accuracy of version 0), ``rounds`` (one record per round: ``round``, ``main_accuracy``,
 ``backdoor_accuracy`` (None without a configured backdoor), ``malicious`` / ``honest`` (members of the window),
-``flagged_*`` (verdict not accept), ``rejected_*`` (verdict reject), ``quarantined_*`` (devices in quarantine after
+``flagged_*`` (verdict not accept), ``rejected_*`` (verdict reject), ``crafted`` / ``flagged_crafted`` /
+``rejected_crafted`` (the malicious members that are not an honest copy, :func:`honest_copy`), ``quarantined_*`` (devices in quarantine after
 the round), ``refused_*`` (updates refused before the window: a second update of a device, the norm bound),
 ``sampled_malicious``, ``admitted``, ``skipped`` (why the parameters carried over, or None), ``votes_malicious`` /
 ``votes_honest`` (members each detector voted against; ``low_trust`` too), ``loss``, ``devices`` (the window's
@@ -188,23 +189,43 @@ def sketch_seed(seed: int) -> int:
 
 def detection_rates(rounds: list[dict[str, Any]], from_round: int = 1) -> dict[str, Any]:
     """Totals and rates over the rounds ``>= from_round``: ``tp`` = flagged (verdict not accept) / malicious
-    members, ``tp_reject`` = rejected / malicious, ``fp`` = flagged / honest members, ``fp_reject`` likewise;
+    members, ``tp_reject`` = rejected / malicious, ``tp_crafted`` / ``tp_reject_crafted`` the same over the crafted
+    members only (:func:`honest_copy`; None unless every round recorded them), ``fp`` = flagged / honest members, ``fp_reject`` likewise;
     per detector ``votes_tp`` / ``votes_fp`` (share of malicious / honest members it voted against). A rate is None
     when there is nothing to divide by."""
     rs = [r for r in rounds if r["round"] >= from_round]
-    # (refused_* are None in a live cell's rounds: fedguard/live_eval.py)
+    # (refused_* are None in a live cell's rounds: fedguard/live_eval.py; crafted_* are missing from rounds
+    # recorded before they existed, and None in a live cell's: the pipeline cannot tell an honest copy)
     tot = {k: sum(r[k] or 0 for r in rs) for k in ("malicious", "honest", "flagged_malicious", "flagged_honest",
                                                    "rejected_malicious", "rejected_honest", "refused_malicious",
                                                    "refused_honest")}
+    known = bool(rs) and all(r.get("crafted") is not None for r in rs)
+    for k in ("crafted", "flagged_crafted", "rejected_crafted"):
+        tot[k] = sum(r[k] for r in rs) if known else None
     rate = lambda a, b: (a / b) if b else None  # noqa: E731
     out: dict[str, Any] = {**tot,
                            "tp": rate(tot["flagged_malicious"], tot["malicious"]),
                            "tp_reject": rate(tot["rejected_malicious"], tot["malicious"]),
+                           "tp_crafted": rate(tot["flagged_crafted"], tot["crafted"]) if known else None,
+                           "tp_reject_crafted": rate(tot["rejected_crafted"], tot["crafted"]) if known else None,
                            "fp": rate(tot["flagged_honest"], tot["honest"]),
                            "fp_reject": rate(tot["rejected_honest"], tot["honest"])}
     out["votes_tp"] = {d: rate(sum(r["votes_malicious"].get(d, 0) for r in rs), tot["malicious"]) for d in VOTES}
     out["votes_fp"] = {d: rate(sum(r["votes_honest"].get(d, 0) for r in rs), tot["honest"]) for d in VOTES}
     return out
+
+
+def honest_copy(update: np.ndarray, honest: np.ndarray | None) -> bool:
+    """Whether a compromised device's ``update`` is exactly its own honest training of the round (``honest``: what
+    the attack computed with ``ctx.honest_delta``, None if it never asked). The attack library sends honest copies
+    on purpose: a lone colluder of ALIE, min-max or min-sum in partial-knowledge mode (no spread to hide in), and
+    model replacement after its single shot (``producers/attacks/live.py``). No detector should flag those, so the
+    true-positive rate over crafted updates (``tp_crafted``) leaves them out."""
+    if honest is None:
+        return False
+    u = np.asarray(update, dtype=np.float32).reshape(-1)
+    h = np.asarray(honest, dtype=np.float32).reshape(-1)
+    return u.shape == h.shape and bool(np.array_equal(u, h))
 
 
 @dataclass
@@ -214,6 +235,7 @@ class _Member:
     num_samples: int
     malicious: bool
     norm: float = 0.0
+    crafted: bool = False  # a compromised device's update that is not its honest training (see honest_copy)
 
 
 class _Simulation:
@@ -291,9 +313,16 @@ class _Simulation:
             out.append(_Member(i, delta, n, False))
             honest_deltas.append(delta)
         if attackers:
+            trained: dict[int, np.ndarray] = {}
+
+            def honest_delta(i: int) -> tuple[np.ndarray, int]:
+                delta, n = self.train(i, base, version)
+                trained[i] = delta
+                return delta, n
+
             ctx = AttackContext(
                 base=base, version=version, round_index=self.fired, devices=attackers,
-                honest_delta=lambda i: self.train(i, base, version),
+                honest_delta=honest_delta,
                 shard=lambda i: (self.task.x_train[self.shards[i]], self.task.y_train[self.shards[i]]),
                 task=self.task, model=self.scratch, training=dict(self.training), window_size=self.c.per_round,
                 rng=np.random.default_rng([self.c.seed, version, 0xA7]),
@@ -302,7 +331,8 @@ class _Simulation:
             crafted = craft_round(self.c.attack, self.c.attack_params, ctx)
             self.fired += 1  # producers.campaign.record_round
             for i, updates in crafted.items():
-                out.extend(_Member(i, delta, n, True) for delta, n in updates)
+                out.extend(_Member(i, delta, n, True, crafted=not honest_copy(delta, trained.get(i)))
+                           for delta, n in updates)
         return out, len(attackers)
 
     def window(self, sent: list[_Member]) -> tuple[list[_Member], dict[str, int]]:
@@ -467,6 +497,7 @@ class _Simulation:
         flagged = {"malicious": 0, "honest": 0}
         rejected = {"malicious": 0, "honest": 0}
         count = {"malicious": 0, "honest": 0}
+        crafted = {"count": 0, "flagged": 0, "rejected": 0}
         if members:
             outcome, _ = self.judge(members, now)
             kept, skipped = self.aggregate(members, outcome, version)
@@ -476,6 +507,10 @@ class _Simulation:
                 count[who] += 1
                 flagged[who] += o["verdict"] != "accept"
                 rejected[who] += o["verdict"] == "reject"
+                if m.crafted:
+                    crafted["count"] += 1
+                    crafted["flagged"] += o["verdict"] != "accept"
+                    crafted["rejected"] += o["verdict"] == "reject"
                 for f in o["flags"]:
                     if f in votes[who]:
                         votes[who][f] += 1
@@ -493,6 +528,7 @@ class _Simulation:
             "malicious": count["malicious"], "honest": count["honest"],
             "flagged_malicious": flagged["malicious"], "flagged_honest": flagged["honest"],
             "rejected_malicious": rejected["malicious"], "rejected_honest": rejected["honest"],
+            "crafted": crafted["count"], "flagged_crafted": crafted["flagged"], "rejected_crafted": crafted["rejected"],
             "quarantined_malicious": sum(d in self.bad for d in quarantined),
             "quarantined_honest": sum(d not in self.bad for d in quarantined),
             "refused_malicious": refused["malicious"], "refused_honest": refused["honest"],

@@ -81,6 +81,23 @@ def test_detection_pools_members_and_skips_the_undetectable(er):
     assert er.detection_targets(cells, "x")[0]["met"] is False  # 15 of 1360 > 1 %
 
 
+def test_detection_is_judged_over_crafted_members_when_every_cell_recorded_them(er):
+    def alie(seed, crafted, flagged_crafted):
+        c = cell(attack="alie", seed=seed, honest=80, malicious=20, flagged_malicious=flagged_crafted)
+        c["detection_rates"].update(crafted=crafted, flagged_crafted=flagged_crafted)
+        return c
+    # 13 of 20 members were crafted and all of them flagged; the 7 honest copies were not (65 % of all members)
+    cells = [cell(honest=1000), alie(0, 13, 13)]
+    tp = er.detection_targets(cells, "x")[1]
+    assert tp["met"] is True and "alie 100.0 % of 13 crafted (65.0 % of all 20" in tp["measured"]
+    assert "7 honest copies" in tp["measured"]
+    assert er.detection_targets([cell(honest=1000), alie(0, 13, 12)], "x")[1]["met"] is False  # 92.3 %
+    # one seed without the counts: every member is judged, and the report says so
+    old = cell(attack="alie", seed=1, honest=80, malicious=20, flagged_malicious=13)
+    tp = er.detection_targets(cells + [old], "x")[1]
+    assert tp["met"] is False and "crafted not recorded" in tp["measured"]
+
+
 def test_report_reads_the_cell_files_and_renders(er, tmp_path):
     for d, c in (("eval", cell(rule="fedavg", detection="none", attack="model_replacement", backdoor=(0.99,))),
                  ("eval", cell(rule="fedavg", detection="none")),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aggregator.rules import RuleConfigError
-from fedguard.simulation import SimulationConfig, detection_rates, simulate, sketch_seed
+from fedguard.simulation import SimulationConfig, detection_rates, honest_copy, simulate, sketch_seed
 from fedguard.weighting import admitted, sample_weights, weighted_mean
 from processors.defence import global_update_sketch
 from producers.sampling import fleet_shards, sample_devices, training_seed
@@ -130,6 +130,15 @@ def test_detection_rates_definitions():
     assert d["votes_fp"]["magnitude"] == 1 / 16 and d["votes_tp"]["direction"] == 0.5
     assert detection_rates(rows, from_round=2)["fp"] == 0.0
     assert detection_rates(rows[:1])["tp"] is None
+    # rows recorded before the crafted counts existed (or live ones: None): no crafted rate, not a made-up one
+    assert detection_rates(rows)["tp_crafted"] is None and detection_rates(rows)["crafted"] is None
+    rows[0].update(crafted=0, flagged_crafted=0, rejected_crafted=0)
+    rows[1].update(crafted=3, flagged_crafted=3, rejected_crafted=2)  # the unflagged member was an honest copy
+    d = detection_rates(rows)
+    assert d["tp"] == 0.75 and d["tp_crafted"] == 1.0 and d["tp_reject_crafted"] == 2 / 3 and d["crafted"] == 3
+    assert detection_rates(rows[:1])["tp_crafted"] is None  # nothing crafted to divide by
+    rows[1]["crafted"] = None
+    assert detection_rates(rows)["tp_crafted"] is None  # one unknown round makes the total unknown
     assert sketch_seed(0) == sketch_seed(0) != sketch_seed(1) and sketch_seed(0).bit_length() > 64
 
 
@@ -183,3 +192,25 @@ def test_defaults_are_the_live_defaults():
         live.detection, live.detector_sketch_k, live.sample_count_cap, live.backdoor_eval, live.max_update_norm,
         live.quarantine_probation_s)
     assert sim.probation_rounds == 1566  # 3600 s at the demo's 2.3 s per round
+
+
+def test_honest_copy_is_exact_equality_with_the_devices_own_training():
+    h = np.array([0.5, -1.25, 3.0], dtype=np.float32)
+    assert honest_copy(h.copy(), h) and honest_copy(h.astype(np.float64), h)
+    assert not honest_copy(np.nextafter(h, np.float32(10)), h)  # one ulp off is crafted
+    assert not honest_copy(h, None)  # the attack never trained honestly: whatever it sent is crafted
+    assert not honest_copy(h[:2], h) and not honest_copy(np.zeros(3, np.float32), h)
+
+
+def test_honest_copies_are_not_counted_as_crafted():
+    """A lone ALIE colluder (partial knowledge: no spread to hide in) sends its honest update; two or more craft.
+    Model replacement's shot is crafted (its campaign stops after it, so no later member counts as malicious)."""
+    alie = simulate(config(attack="alie", rounds=10, attack_start=1, fraction=0.2))
+    rounds = [r for r in alie["rounds"] if r["malicious"]]
+    assert any(r["sampled_malicious"] == 1 for r in rounds) and any(r["sampled_malicious"] >= 2 for r in rounds)
+    for r in rounds:
+        assert r["crafted"] == (0 if r["sampled_malicious"] == 1 else r["malicious"])
+    assert alie["detection"]["crafted"] == sum(r["crafted"] for r in alie["rounds"]) < alie["detection"]["malicious"]
+    mr = simulate(config(attack="model_replacement", rounds=4, attack_start=2, fraction=0.3))
+    assert [(r["malicious"], r["crafted"]) for r in mr["rounds"]][1] == (2, 2)
+    assert mr["detection"]["crafted"] == mr["detection"]["malicious"] == 2
