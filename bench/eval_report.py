@@ -152,7 +152,8 @@ def detection_targets(default: list[dict[str, Any]], label: str) -> list[dict[st
             hit = sum(c["detection_rates"]["flagged_crafted"] for c in cells)
             all_members = f"{pct(rate)} of all {bad} members of compromised devices"
             rate = hit / made if made else None
-            shown = f"{attack} {pct(rate)} of {made} crafted ({all_members}, {bad - made} honest copies)"
+            shown = f"{attack} {pct(rate)}" + ("" if made == bad else
+                                               f" of {made} crafted ({all_members}, {bad - made} honest copies)")
         else:
             shown = f"{attack} {pct(rate)} (of all members of compromised devices: crafted not recorded)"
         if attack in NOT_DETECTABLE:
