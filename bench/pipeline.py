@@ -14,7 +14,10 @@ ports and stops at the end (also on Ctrl-C):
   ``fedguard_updates_rejected_total`` reach the record count; the rate is the records validated in between over
   that time. Afterwards every raw record must be on the index (valid) or dead-letter topic exactly as often as it
   was sent, none rejected. CPU seconds of every worker, the broker, Redis, this script and the whole machine are
-  read (psutil) over the same interval.
+  read (psutil) over the same interval. The update store is in the steady state of a running deployment: the
+  aggregator's retention has left as many spare files as the run writes (fedguard/updatestore.py: pruned files are
+  written over, not new ones made); one more one-worker run per repeat starts from an empty store, as the first
+  versions after a fresh start do.
 * **window -> version**: an ``AggregatorService`` (in a thread of this process, default rule ``norm_clip`` and the
   default evaluation and audit) reads windows of n members from ``fl.windows``, reads their tensors from the update
   store (fedguard/updatestore.py) and publishes versions to ``fl.models``: from sending a window record to reading
@@ -78,7 +81,7 @@ from fedguard.stack import broker_binary, create_topics, free_port, initialize, 
 from fedguard.stack import _die_with_parent, temporary_redis, wait_for_port  # noqa: E402
 from fedguard.tasks import model_spec  # noqa: E402
 from fedguard.topicio import consumer_from_beginning, read_until_idle  # noqa: E402
-from fedguard.updatestore import UpdateStore  # noqa: E402
+from fedguard.updatestore import SPARE_DIR, UpdateStore  # noqa: E402
 from processors import windows as W  # noqa: E402
 from producers.keystore import Keystore  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a bench script runs
@@ -88,6 +91,8 @@ PRETRAIN_EPOCHS = 1  # the first latency window trains the model (trained_delta)
 HIDDEN = "126"  # FEDGUARD_MODEL_HIDDEN: the MLP 784-126-10 has 100,180 parameters, the issue's d = 100k
 DEVICES = 1024
 TARGET_ONE_WORKER = 0.5  # of the floor
+# Validated runs: workers, and whether the update store is in its steady state (spares) or empty (fresh start).
+CONFIGS = {"1": (1, True), "2": (2, True), "1e": (1, False)}
 TARGET_SPEEDUP = 1.5  # two workers over one
 TARGET_LATENCY_S = 2.0
 POLL_S = 0.1  # metrics scrape interval while workers run: the clock's resolution
@@ -252,6 +257,22 @@ def fill_raw_topic(settings: Settings, num_params: int, count: int, desc: str) -
     finally:
         producer.close()
     return size
+
+
+def prepare_store(settings: Settings, count: int, num_params: int, steady: bool) -> int:
+    """The update store before a validated run: ``steady``, ``count`` spare files, as the aggregator's retention
+    leaves them in a running deployment (files of ``count`` tensors written under a retired model id and pruned,
+    with a spare limit of ``count``); else no spare at all, as after a fresh start. Returns the spares there."""
+    spare_dir = settings.update_store_dir / SPARE_DIR
+    shutil.rmtree(spare_dir, ignore_errors=True)
+    if not steady:
+        return 0
+    store, retired = UpdateStore(settings.update_store_dir, spare_limit=count), f"{settings.model_id}-retired"
+    zeros = np.zeros(num_params, dtype=np.float32)
+    for i in range(count):
+        store.put(retired, 0, f"device-{i}", zeros)
+    store.prune(retired, 1)
+    return len(os.listdir(spare_dir))
 
 
 def prepare_measurement(bootstrap: str, redis_url: str, data_dir: Path, tag: str, count: int,
@@ -509,6 +530,7 @@ def profile_worker(args: argparse.Namespace, workdir: Path) -> str:
         infra = {"broker": broker_pid, "redis": redis_pid(redis_url)}
         settings, record_bytes = prepare_measurement(bootstrap, redis_url, workdir / "data", "prof", args.count,
                                                      num_params)
+        prepare_store(settings, args.count, num_params, steady=True)
         run = run_workers(settings, 1, args.count, log_dir, infra, "prof", profile_to=stats_path)
     if not stats_path.exists():
         raise BenchError(f"the profiled worker wrote no stats to {stats_path}")
@@ -709,7 +731,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     log_dir = workdir / "logs"
     log_dir.mkdir(parents=True)
     num_params = model_spec(TASK, Settings(model_hidden=HIDDEN).hidden_widths()).num_params
-    configs = [1, 2]
+    configs = list(CONFIGS)
     out: dict[str, Any] = {"num_params": num_params, "repeats": []}
     (workdir / "redis").mkdir()
     with running_broker(log_dir / "broker.log") as (bootstrap, broker_pid), \
@@ -718,18 +740,21 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         progress = tqdm(total=args.repeat * 2 * len(configs) + 1, desc="pipeline bench", unit="step")
         for r in range(args.repeat):
             repeat: dict[str, Any] = {"floor": [], "validated": {}}
-            for workers in configs if r % 2 == 0 else list(reversed(configs)):  # alternate the order
-                tag = f"w{workers}r{r}"
+            for config in configs if r % 2 == 0 else list(reversed(configs)):  # alternate the order
+                workers, steady = CONFIGS[config]
+                tag = f"w{config}r{r}"
                 settings, out["record_bytes"] = prepare_measurement(bootstrap, redis_url, workdir / "data", tag,
                                                                     args.count, num_params)
                 progress.set_postfix_str(f"{tag}: floor")
                 repeat["floor"].append(floor_rate(settings, args.count, infra))
                 progress.update(1)
                 progress.set_postfix_str(f"{tag}: {workers} worker(s)")
+                spares = prepare_store(settings, args.count, num_params, steady)
                 run = run_workers(settings, workers, args.count, log_dir, infra, tag)
+                run["spares_before"] = spares
                 if run["per_s"] is not None:
                     run["conservation"] = check_conservation(settings, args.count)
-                repeat["validated"][str(workers)] = run
+                repeat["validated"][config] = run
                 delete_measurement_topics(settings, tag)
                 progress.update(1)
             out["repeats"].append(repeat)
@@ -747,15 +772,19 @@ def summarise(measured: dict[str, Any]) -> dict[str, Any]:
     floors = [statistics.median(f["per_s"] for f in r["floor"]) for r in repeats]
     one = [r["validated"]["1"]["per_s"] for r in repeats]
     two = [r["validated"]["2"]["per_s"] for r in repeats]
+    empty = [r["validated"]["1e"]["per_s"] for r in repeats]
     ratio_one = [o / f if o else None for o, f in zip(one, floors)]
+    ratio_empty = [e / f if e else None for e, f in zip(empty, floors)]
     speedups = [t / o if t and o else None for t, o in zip(two, one)]
-    cpu = {w: cpu_shares([r["validated"][w] for r in repeats]) for w in ("1", "2")}
+    cpu = {w: cpu_shares([r["validated"][w] for r in repeats]) for w in CONFIGS}
     cpu["floor"] = cpu_shares([f for r in repeats for f in r["floor"]])
     per_record = [pipeline_cpu_per_record(r["validated"]["1"]) for r in repeats if r["validated"]["1"]["per_s"]]
     floor_per_record = [cpu_per_record(f, ("broker", "bench")) for r in repeats for f in r["floor"]]
     consumer_per_record = [cpu_per_record(f, ("bench",)) for r in repeats for f in r["floor"]]
     worker_per_record = [cpu_per_record(r["validated"]["1"], ("worker0",)) for r in repeats
                          if r["validated"]["1"]["per_s"]]
+    empty_worker_per_record = [cpu_per_record(r["validated"]["1e"], ("worker0",)) for r in repeats
+                               if r["validated"]["1e"]["per_s"]]
     ceiling = (speedup_ceiling(os.cpu_count() or 1, statistics.median(per_record), median_or_none(one))
                if per_record else None)
     latency = [run["total_s"] for run in measured["latency"]]
@@ -764,6 +793,10 @@ def summarise(measured: dict[str, Any]) -> dict[str, Any]:
         "floor_per_s": statistics.median(floors), "one_worker_per_s": median_or_none(one),
         "two_workers_per_s": median_or_none(two), "ratio_one_to_floor": median_or_none(ratio_one),
         "speedup": median_or_none(speedups), "ratios_one_to_floor": ratio_one, "speedups": speedups,
+        "one_worker_empty_store_per_s": median_or_none(empty), "one_worker_empty_store_runs": empty,
+        "ratio_empty_store_to_floor": median_or_none(ratio_empty), "ratios_empty_store_to_floor": ratio_empty,
+        "worker_cpu_s_per_record_empty_store": (statistics.median(empty_worker_per_record)
+                                                if empty_worker_per_record else None),
         "floor_runs": floors, "one_worker_runs": one, "two_worker_runs": two, "cpu_share": cpu,
         "pipeline_cpu_s_per_record_one_worker": statistics.median(per_record) if per_record else None,
         "floor_cpu_s_per_record": statistics.median(floor_per_record),
@@ -869,19 +902,29 @@ def write_results(args: argparse.Namespace, measured: dict[str, Any], summary: d
         + ", ".join(_fmt(v, ",.0f") for v in s["one_worker_runs"]) + " |",
         f"| 2 processors workers: validated | {_fmt(s['two_workers_per_s'], ',.0f')} | "
         + ", ".join(_fmt(v, ",.0f") for v in s["two_worker_runs"]) + " |",
+        f"| 1 processors worker, empty update store (no spares: a fresh start) | "
+        f"{_fmt(s['one_worker_empty_store_per_s'], ',.0f')} | "
+        + ", ".join(_fmt(v, ",.0f") for v in s["one_worker_empty_store_runs"]) + " |",
         "",
         "Per-repeat ratios: one worker / floor " + ", ".join(_fmt(v, ".2f") for v in s["ratios_one_to_floor"])
-        + "; two / one " + ", ".join(_fmt(v, ".2f") for v in s["speedups"]) + ".",
+        + "; two / one " + ", ".join(_fmt(v, ".2f") for v in s["speedups"])
+        + "; one worker on an empty store / floor " + ", ".join(_fmt(v, ".2f") for v in s["ratios_empty_store_to_floor"])
+        + f" (median {_fmt(s['ratio_empty_store_to_floor'], '.0%')}).",
+        "",
+        "The 1- and 2-worker runs start with as many spare files in the update store as they write: the steady "
+        "state of a running deployment, where the aggregator's retention turns the files of every pruned base "
+        "version into spares that the validators write over (fedguard/updatestore.py; the first versions after a "
+        "fresh start have none: the last row).",
         "",
         "CPU during the timed part of the runs (median share of one core; 1.00 = one core busy all the time):",
         "",
-        "| process | floor | 1 worker | 2 workers |",
-        "|---|---:|---:|---:|",
+        "| process | floor | 1 worker | 2 workers | 1 worker, empty store |",
+        "|---|---:|---:|---:|---:|",
     ]
     shares = s["cpu_share"]
-    for name in sorted(set(shares["floor"]) | set(shares["1"]) | set(shares["2"]), key=_process_order):
+    for name in sorted(set().union(*(shares[c] for c in ("floor", *CONFIGS))), key=_process_order):
         lines.append(f"| {_process_label(name)} | "
-                     + " | ".join(_fmt(shares[c].get(name), ".2f") for c in ("floor", "1", "2")) + " |")
+                     + " | ".join(_fmt(shares[c].get(name), ".2f") for c in ("floor", *CONFIGS)) + " |")
     if s["busy_with_other_work"]:
         lines += ["", f"**Other processes used more than {NOISE_CORES:g} of a core during these runs**: the machine "
                   "was not quiet, and these numbers measure the contention as much as the pipeline."]
@@ -915,10 +958,14 @@ def one_worker_reading(s: dict[str, Any]) -> list[str]:
     if s["worker_cpu_s_per_record"] is None:
         return []
     worker_ms, consumer_ms = s["worker_cpu_s_per_record"] * 1000, s["floor_consumer_cpu_s_per_record"] * 1000
-    return [f"One worker spends {worker_ms:.2f} ms of CPU (its own process) per record it validates; the floor's "
+    text = (f"One worker spends {worker_ms:.2f} ms of CPU (its own process) per record it validates; the floor's "
             f"consumer spends {consumer_ms:.2f} ms per record it reads. With a core to itself a worker could "
             f"therefore validate at most {1000 / worker_ms:,.0f} records/s, "
-            f"{1000 / worker_ms / s['floor_per_s']:.0%} of the floor's median rate."]
+            f"{1000 / worker_ms / s['floor_per_s']:.0%} of the floor's median rate.")
+    if s.get("worker_cpu_s_per_record_empty_store") is not None:
+        text += (f" On an empty update store it spends {s['worker_cpu_s_per_record_empty_store'] * 1000:.2f} ms: "
+                 "every tensor goes to a new file, whose pages the kernel must allocate.")
+    return [text]
 
 
 def two_worker_reading(s: dict[str, Any], cores: int) -> list[str]:
@@ -945,10 +992,10 @@ def two_worker_reading(s: dict[str, Any], cores: int) -> list[str]:
 
 def reading_notes(measured: dict[str, Any], args: argparse.Namespace) -> list[str]:
     repeats = measured["repeats"]
-    before = [r["validated"][w].get("records_before_clock", 0) for r in repeats for w in ("1", "2")]
-    dupes = [r["validated"][w]["conservation"]["duplicates"] for r in repeats for w in ("1", "2")
+    before = [r["validated"][w].get("records_before_clock", 0) for r in repeats for w in CONFIGS]
+    dupes = [r["validated"][w]["conservation"]["duplicates"] for r in repeats for w in CONFIGS
              if "conservation" in r["validated"][w]]
-    problems = [r["validated"][w]["problem"] for r in repeats for w in ("1", "2") if "problem" in r["validated"][w]]
+    problems = [r["validated"][w]["problem"] for r in repeats for w in CONFIGS if "problem" in r["validated"][w]]
     notes = [
         "Reading the numbers:", "",
         f"* **d**: {measured['num_params']:,} parameters, the issue's d = 100k: {TASK} with the MLP's hidden "

@@ -19,7 +19,13 @@ temporary name and renamed, so a reader finds the whole tensor or nothing.
 
 Retention (:meth:`UpdateStore.prune`): the aggregator deletes the directories of base versions no window can still
 use and the audit's look-back no longer reads (``aggregator.auditing.LOOKBACK_WINDOWS``), after it published each
-version. Every process that reads or writes must see the same directory: the embedded
+version. Their files are not unlinked but renamed into ``<root>/@spare/`` (up to ``spare_limit``; ``@`` is outside
+the id alphabet, so no model id can name it), and :meth:`UpdateStore.put` renames a spare to its temporary name and
+writes over it: writing into a file's existing pages costs the kernel a copy, a new file's pages must be allocated
+and, once background writeback runs, reclaimed. Measured on this machine (ext4), 400 kB per file, 8,000 files, old
+files removed as new ones come: 0.37 ms of system CPU per new file against 0.07 ms per overwritten spare; under the
+validation stage's write rate the new-file cost rose to 0.9 ms. A spare holds a pruned tensor until it is reused:
+the store's directory is as private as before, and the limit bounds what it keeps. Every process that reads or writes must see the same directory: the embedded
 stack's processes share the data dir; in compose every fedguard service mounts the same volume; on several hosts it
 must be shared storage.
 """
@@ -30,6 +36,8 @@ import os
 import re
 import secrets
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +45,9 @@ import numpy as np
 _SUFFIX = ".f32"
 _DTYPE = np.dtype("<f4")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # the wire's id alphabet (fedguard/envelope.py)
+SPARE_DIR = "@spare"  # pruned files waiting to be written over; not a valid model id
+SPARE_LIMIT = 1024  # spares kept at most (at d = 159k, 650 MB: what a few versions' tensors took before pruning)
+_RESCAN_S = 1.0  # an empty spare list is refilled from the directory at most this often (other processes prune)
 
 
 class UpdateMissing(LookupError):
@@ -52,20 +63,49 @@ def _component(value: str, what: str) -> str:
 class UpdateStore:
     """Tensors of validated updates under ``root`` (see the module docstring)."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, spare_limit: int = SPARE_LIMIT) -> None:
         self.root = Path(root)
+        self.spare_limit = spare_limit
+        self._spares: list[str] = []  # names in the spare directory this process may take (others may take them too)
+        self._scanned = -_RESCAN_S
+        self._lock = threading.Lock()  # put runs in worker threads
 
     def put(self, model_id: str, base_version: int, device_id: str, tensor: np.ndarray) -> str:
-        """Write ``tensor`` (float32, any shape: stored flat) and return its reference."""
+        """Write ``tensor`` (float32, any shape: stored flat) and return its reference; over a spare file if
+        there is one (see the module docstring)."""
         directory = f"{_component(model_id, 'model id')}/{int(base_version)}"
         ref = f"{directory}/{_component(device_id, 'device id')}.{secrets.token_hex(8)}{_SUFFIX}"
         path = self.root / ref
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as f:
+        reused = self._take_spare(temporary)
+        with open(temporary, "r+b" if reused else "wb") as f:
             f.write(np.ascontiguousarray(tensor, dtype=_DTYPE).data)
+            if reused:
+                f.truncate()  # a spare of a larger model keeps no tail
         os.replace(temporary, path)
         return ref
+
+    def _take_spare(self, temporary: Path) -> bool:
+        """Rename a spare file to ``temporary``; ``False`` if there is none (another process may take a name this
+        one listed: the rename fails and the next is tried)."""
+        spare_dir = self.root / SPARE_DIR
+        while True:
+            with self._lock:
+                if not self._spares and time.monotonic() - self._scanned >= _RESCAN_S:
+                    self._scanned = time.monotonic()
+                    try:
+                        self._spares = os.listdir(spare_dir)
+                    except FileNotFoundError:
+                        pass
+                if not self._spares:
+                    return False
+                name = self._spares.pop()
+            try:
+                os.replace(spare_dir / name, temporary)
+                return True
+            except FileNotFoundError:
+                continue
 
     def get(self, ref: str, num_params: int) -> np.ndarray:
         """The tensor ``ref`` names, as a float32 vector of ``num_params`` values.
@@ -77,6 +117,9 @@ class UpdateStore:
         try:
             with open(path, "rb") as f:
                 size = f.readinto(data)
+            # Still there, so not pruned while read: a pruned file leaves its name for good (names are never
+            # reused) before it can be a spare written over.
+            os.stat(path)
         except FileNotFoundError:
             raise UpdateMissing(f"no update tensor {ref!r} in {self.root} (deleted by retention?)") from None
         if size != expected:
@@ -90,8 +133,22 @@ class UpdateStore:
         if not model_dir.is_dir():
             return []
         old = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and int(p.name) < keep_from)
+        spare_dir = self.root / SPARE_DIR
+        room = 0
+        if old and self.spare_limit > 0:
+            spare_dir.mkdir(exist_ok=True)
+            room = self.spare_limit - len(os.listdir(spare_dir))
         for version in old:
+            for entry in os.scandir(model_dir / str(version)):
+                if room > 0 and entry.name.endswith(_SUFFIX) and entry.is_file(follow_symlinks=False):
+                    try:
+                        os.replace(entry.path, spare_dir / secrets.token_hex(16))
+                        room -= 1
+                    except FileNotFoundError:
+                        pass
             shutil.rmtree(model_dir / str(version), ignore_errors=True)
+        with self._lock:
+            self._scanned = -_RESCAN_S  # the next put that finds no spare listed looks again at once
         return old
 
     def _path(self, ref: str) -> Path:

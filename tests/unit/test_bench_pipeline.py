@@ -3,6 +3,8 @@ verdicts and the window -> version step timer (the benchmark itself runs the rea
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -67,12 +69,14 @@ def _run(per_s, workers, cpu):
     return {"workers": workers, "per_s": per_s, "records_timed": 100, "seconds": 100 / per_s, "cpu_seconds": cpu}
 
 
-def _measured(one, two, latency, worker_cpu):
+def _measured(one, two, latency, worker_cpu, empty=80.0):
     floor = {"per_s": 200.0, "records_timed": 100, "seconds": 0.5, "cpu_seconds": {"broker": 0.2, "bench": 0.2,
                                                                                       "redis": 0.0, "machine": 0.4}}
     cpu = {"worker0": worker_cpu, "broker": 0.1, "redis": 0.1, "bench": 0.0, "machine": worker_cpu + 0.2}
+    empty_cpu = {**cpu, "worker0": 2 * worker_cpu}  # an empty update store: new files cost the worker more
     return {"num_params": 10, "record_bytes": 100,
-            "repeats": [{"floor": [floor, floor], "validated": {"1": _run(one, 1, cpu), "2": _run(two, 2, cpu)}}],
+            "repeats": [{"floor": [floor, floor, floor], "validated": {
+                "1": _run(one, 1, cpu), "2": _run(two, 2, cpu), "1e": _run(empty, 1, empty_cpu)}}],
             "latency": [{"total_s": t, "fetch_s": t / 2} for t in latency]}
 
 
@@ -86,6 +90,9 @@ def test_targets_met(pipeline):
     assert summary["floor_cpu_s_per_record"] == pytest.approx(0.004)  # broker and consumer, per record read
     assert summary["floor_consumer_cpu_s_per_record"] == pytest.approx(0.002)
     assert summary["worker_cpu_s_per_record"] == pytest.approx(0.005)
+    # the empty store's run is reported beside the target, not judged by it
+    assert summary["ratio_empty_store_to_floor"] == pytest.approx(0.4)
+    assert summary["worker_cpu_s_per_record_empty_store"] == pytest.approx(0.010)
 
 
 def test_two_worker_target_missed_is_explained_only_by_a_measured_ceiling_below_it(pipeline):
@@ -101,10 +108,12 @@ def test_two_worker_target_missed_is_explained_only_by_a_measured_ceiling_below_
 def test_runs_without_a_timed_part_are_left_out_of_the_medians(pipeline):
     measured = _measured(120.0, 200.0, [0.5], worker_cpu=0.5)
     measured["repeats"].append({**measured["repeats"][0], "validated": {
-        "1": measured["repeats"][0]["validated"]["1"], "2": {"workers": 2, "per_s": None, "records_timed": 0}}})
+        "1": measured["repeats"][0]["validated"]["1"], "2": {"workers": 2, "per_s": None, "records_timed": 0},
+        "1e": {"workers": 1, "per_s": None, "records_timed": 0}}})
     summary = pipeline.summarise(measured)
     assert summary["two_worker_runs"] == [200.0, None]
     assert summary["speedup"] == pytest.approx(200 / 120)
+    assert summary["one_worker_empty_store_runs"] == [80.0, None]
 
 
 def test_step_timer_splits_each_window_and_drops_what_came_before(pipeline):
@@ -151,3 +160,16 @@ def test_profile_rows_rank_by_the_column_asked_in_ms_per_record(pipeline):
     table = pipeline.profile_table(stats, 100, 3)
     assert "100 records profiled; 1.00 ms of profiled time per record" in table
     assert "| 0.100 | 2.000 | 2.00 | `aiokafka/conn.py:408(send)` |" in table
+
+
+def test_the_steady_state_store_holds_a_spare_per_record_and_the_empty_one_none(pipeline, tmp_path):
+    from fedguard.settings import Settings
+    from fedguard.updatestore import SPARE_DIR, UpdateStore
+    settings = Settings(data_dir=tmp_path, model_id="bench-w1r0")
+    assert pipeline.prepare_store(settings, 7, 5, steady=True) == 7
+    spare_dir = settings.update_store_dir / SPARE_DIR
+    assert len(os.listdir(spare_dir)) == 7 and sorted(os.listdir(settings.update_store_dir)) == [SPARE_DIR,
+                                                                                                   "bench-w1r0-retired"]
+    ref = UpdateStore(settings.update_store_dir, spare_limit=0).put("bench-w1r0", 0, "d", np.ones(5, np.float32))
+    assert len(os.listdir(spare_dir)) == 6 and ref  # the worker's writes take them
+    assert pipeline.prepare_store(settings, 7, 5, steady=False) == 0 and not spare_dir.exists()

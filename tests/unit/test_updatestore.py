@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from fedguard.updatestore import UpdateMissing, UpdateStore, keep_from
+from fedguard.updatestore import SPARE_DIR, UpdateMissing, UpdateStore, keep_from
 
 
 @pytest.fixture
@@ -146,3 +146,95 @@ def test_keep_from_keeps_every_base_version_a_device_may_still_send_and_the_one_
         for staleness in range(0, 6):
             oldest_admitted = max(0, current - staleness)
             assert keep_from(current, staleness) <= max(0, oldest_admitted - 1)
+
+
+# -- spares: pruned files written over instead of new ones --------------------------------------------------------------
+def spares(store: UpdateStore) -> list[str]:
+    spare_dir = store.root / SPARE_DIR
+    return sorted(os.listdir(spare_dir)) if spare_dir.is_dir() else []
+
+
+def test_prune_keeps_up_to_spare_limit_files_as_spares_and_deletes_the_rest(tmp_path):
+    store = UpdateStore(tmp_path / "u", spare_limit=3)
+    for v in (0, 1):
+        for d in range(2):
+            store.put("m", v, f"dev-{d}", np.ones(4, np.float32))
+    (store.root / "m" / "0" / "dev-9.0123456789abcdef.f32.tmp").write_bytes(b"cut")  # a crashed write: deleted
+    kept = store.put("m", 2, "dev-0", np.ones(4, np.float32))
+    assert store.prune("m", 2) == [0, 1]
+    assert len(spares(store)) == 3  # four tensors pruned, three kept
+    assert files(store) == sorted([kept] + [f"{SPARE_DIR}/{name}" for name in spares(store)])
+    assert store.prune("m", 3) == [2] and len(spares(store)) == 3  # full: the next pruned file is deleted
+
+
+def test_a_spare_limit_of_zero_deletes_every_pruned_file(tmp_path):
+    store = UpdateStore(tmp_path / "u", spare_limit=0)
+    store.put("m", 0, "dev-0", np.ones(4, np.float32))
+    assert store.prune("m", 1) == [0] and files(store) == []
+
+
+def test_put_writes_over_a_spare_and_a_spare_of_a_larger_tensor_keeps_no_tail(store):
+    big = store.put("m", 0, "dev-0", np.arange(1000, dtype=np.float32))
+    inode = os.stat(store.root / big).st_ino
+    store.prune("m", 1)
+    assert len(spares(store)) == 1
+    small = np.array([1.5, -2.0, 0.0], dtype=np.float32)
+    ref = store.put("m", 1, "dev-1", small)
+    assert spares(store) == [] and os.stat(store.root / ref).st_ino == inode  # the same file, renamed
+    assert (store.root / ref).read_bytes() == small.astype("<f4").tobytes()
+    np.testing.assert_array_equal(store.get(ref, 3), small)
+    with pytest.raises(UpdateMissing):
+        store.get(big, 1000)  # the pruned reference names nothing, though its file lives on under another name
+    assert store.put("m", 1, "dev-2", small) != ref  # no spare left: a new file
+    assert ref in files(store) and len(files(store)) == 2
+
+
+def test_two_stores_on_one_root_never_hand_out_the_same_spare(tmp_path):
+    first, second = UpdateStore(tmp_path / "u"), UpdateStore(tmp_path / "u")
+    for d in range(4):
+        first.put("m", 0, f"dev-{d}", np.ones(2, np.float32))
+    first.prune("m", 1)
+    taken = [first.put("m", 1, "a", np.full(2, 1.0, np.float32))]  # first lists all four, takes one
+    taken += [second.put("m", 1, f"b{i}", np.full(2, 2.0 + i, np.float32)) for i in range(3)]  # second takes three
+    taken += [first.put("m", 1, f"c{i}", np.full(2, 9.0 + i, np.float32)) for i in range(2)]  # listed, gone: new
+    inodes = {os.stat(first.root / r).st_ino for r in taken}
+    assert len(inodes) == len(taken) == 6 and spares(first) == []
+    np.testing.assert_array_equal(first.get(taken[0], 2), [1, 1])
+    for i, ref in enumerate(taken[1:4]):
+        np.testing.assert_array_equal(first.get(ref, 2), [2.0 + i] * 2)
+
+
+def test_the_spare_directory_is_no_model_id_and_is_never_pruned_as_one(store):
+    with pytest.raises(ValueError):
+        store.put(SPARE_DIR, 0, "dev-1", np.ones(2, np.float32))
+    with pytest.raises(ValueError):
+        store.prune(SPARE_DIR, 10)
+
+
+def test_a_tensor_pruned_and_written_over_while_it_is_read_is_missing_not_mixed(store, monkeypatch):
+    import builtins
+
+    import fedguard.updatestore as updatestore
+    ref = store.put("m", 0, "dev-0", np.ones(4, np.float32))
+    real_open = builtins.open
+
+    class Racing:  # the aggregator's retention and a validator's write land between the read and its check
+        def __init__(self, *args):
+            self.f = real_open(*args)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def readinto(self, buffer):
+            n = self.f.readinto(buffer)
+            monkeypatch.setattr(updatestore, "open", real_open, raising=False)
+            store.prune("m", 1)
+            store.put("m", 1, "dev-1", np.full(4, 7.0, np.float32))
+            return n
+
+    monkeypatch.setattr(updatestore, "open", Racing, raising=False)
+    with pytest.raises(UpdateMissing, match="retention"):
+        store.get(ref, 4)  # not the 7s of the file it read from, nor its 1s: the tensor is gone
