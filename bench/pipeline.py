@@ -756,6 +756,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     run["conservation"] = check_conservation(settings, args.count)
                 repeat["validated"][config] = run
                 delete_measurement_topics(settings, tag)
+                shutil.rmtree(settings.update_store_dir, ignore_errors=True)  # as retention would: GBs otherwise
                 progress.update(1)
             out["repeats"].append(repeat)
         progress.set_postfix_str("window -> version")
