@@ -462,6 +462,15 @@ def make_validator(settings: Settings, num_params: int) -> Validator:
 
 
 # -- the window stage's steps -----------------------------------------------------------------------------------------
+# The window stage seats index records in batches and writes each model id's window state to the table once per
+# batch: a write sends the whole state (every seated member's sketch included) to the table's changelog, one record per
+# request (BROKER.md: producer_max_batch_size=1), and while more than 100 such sends wait Faust stops delivering to
+# every stream of the worker (its producer buffer's wait_until_ebb): measured with one write per record, the raw
+# records' validation stalled behind it ("producer buffer full" in the worker log, one worker at 546 records/s).
+COLLECT_BATCH_SIZE = 256
+COLLECT_BATCH_WITHIN_S = 0.01
+
+
 class WindowStage:
     """The window stage's steps on the state of one model id's windows (:mod:`processors.windows`), which lives in
     the ``windows`` table: each step takes the state and returns the new one for the caller to store. The agent and
@@ -493,6 +502,17 @@ class WindowStage:
             window_state = await self.close(model_id, window_state, int(entry["base_version"]))
         OPEN_WINDOWS.set(len(window_state["open"]))
         return window_state
+
+    async def seat_batch(self, entries: list[tuple[str, dict]], stored: Callable[[str], W.State | None]
+                         ) -> dict[str, W.State]:
+        """Seat a batch of index entries (model id, entry) in order; returns the new state of each model id they
+        name, for the caller to store once (``stored``: the state the table holds, ``None`` if none)."""
+        states: dict[str, W.State] = {}
+        for model_id, entry in entries:
+            if model_id not in states:
+                states[model_id] = stored(model_id) or W.empty_state()
+            states[model_id] = await self.seat(model_id, states[model_id], entry, time.time())
+        return states
 
     async def close_due(self, model_id: str, window_state: W.State, now: float) -> tuple[W.State, bool]:
         """Close the windows whose deadline has passed; returns the state and whether any closed."""
@@ -601,12 +621,16 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
 
     @app.agent(index_topic)
     async def collect(stream):
-        async for event in stream.events():
-            entry, model_id = records.loads(event.value), event.key.decode()
+        # noack: each index event is acknowledged once its batch's window state is in the table
+        async for events in stream.noack_take(COLLECT_BATCH_SIZE, within=COLLECT_BATCH_WITHIN_S):
             async with stage.closing:
-                window_state = window_table.get(model_id) or W.empty_state()
-                window_table[model_id] = await stage.seat(model_id, window_state, entry, time.time())
-            POSITIONS.processed(t.valid_index, [event])
+                seated = await stage.seat_batch(
+                    [(event.key.decode(), records.loads(event.value)) for event in events], window_table.get)
+                for model_id, window_state in seated.items():  # one table write per model id and batch
+                    window_table[model_id] = window_state
+            for event in events:
+                await stream.ack(event)
+            POSITIONS.processed(t.valid_index, events)
 
     window_partitions = WindowPartitions()
 

@@ -396,6 +396,27 @@ def test_a_window_closes_when_its_last_seat_is_taken_and_a_second_update_of_a_de
     assert [records.loads(v)["type"] for _, v in s.events_topic.sent] == ["flagged"]
 
 
+def test_seat_batch_seats_in_order_from_the_stored_state_and_returns_each_model_ids_state_once():
+    s = stage(size=2)
+    held = W.empty_state()
+    held["open"]["3"] = {"opened_at": 0.0, "members": [entry("dev-1")]}  # model m already holds a seated member
+    asked: list[str] = []
+
+    def stored(model_id):
+        asked.append(model_id)
+        return held if model_id == "m" else None
+
+    batch = [("m", entry("dev-2")), ("other", entry("dev-7", base_version=0)), ("m", entry("dev-3")),
+             ("m", entry("dev-3", update_id="u-again")), ("other", entry("dev-7", base_version=0))]
+    states = asyncio.run(s.seat_batch(batch, stored))
+    assert asked == ["m", "other"]  # the table is read once per model id, the batch's own state used after
+    # m: dev-2 filled version 3's window (closed, with the member the table held); dev-3 opened nothing: late
+    assert states["m"] == {"open": {}, "closed_upto": 3} and s._defence.judged == ["m:3"]
+    assert [m["device_id"] for m in records.loads(s.windows_topic.sent[0][1])["members"]] == ["dev-1", "dev-2"]
+    # other: one seat, its second delivery a duplicate
+    assert [m["update_id"] for m in states["other"]["open"]["0"]["members"]] == ["u-dev-7"]
+
+
 def test_close_due_closes_only_windows_past_their_deadline():
     s = stage(size=5)
 
