@@ -10,8 +10,9 @@ Two agents, each a short ``async for``:
   replay), at most one per device per interval, go to ``fl.events``. The valid
   records and their index go through the stage's own producer, and the next batch is validated while the broker
   takes the one before (:class:`ValidationPipeline`); a raw record is acknowledged once its outputs are on the broker.
-* ``collect`` reads that index and keeps the open windows in a table keyed by model id (co-partitioned with the
-  index), at most one member per device, closing each on count; a timer closes windows on their deadline. A closing
+* ``collect`` reads that index in batches and keeps the open windows in a table keyed by model id (co-partitioned
+  with the index; written once per batch, see ``COLLECT_BATCH_SIZE``), at most one member per device, closing each
+  on count; a timer closes windows on their deadline. A closing
   window is judged by the detection ensemble and reputation (:mod:`processors.defence`, on the members' secret
   sketches, which the validator computes from the full tensors): every member gets a verdict (accept / downweight /
   reject), a weight and reasons; reputation is updated exactly once per window and may quarantine a device.
