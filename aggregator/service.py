@@ -238,7 +238,7 @@ class AggregatorService:
             group_id=f"fedguard-aggregator-{settings.model_id}", enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=2000,
             max_partition_fetch_bytes=big, fetch_max_bytes=big, **common)
-        self.updates = UpdateStore(settings.update_store_dir, settings.update_store_spare_files)
+        self.updates = UpdateStore(settings.update_store_dir, settings.update_store_spare_bytes)
         self.current: ModelVersion | None = None
         self._rollback_unreadable = False
 

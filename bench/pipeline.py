@@ -262,12 +262,12 @@ def fill_raw_topic(settings: Settings, num_params: int, count: int, desc: str) -
 def prepare_store(settings: Settings, count: int, num_params: int, steady: bool) -> int:
     """The update store before a validated run: ``steady``, ``count`` spare files, as the aggregator's retention
     leaves them in a running deployment (files of ``count`` tensors written under a retired model id and pruned,
-    with a spare limit of ``count``); else no spare at all, as after a fresh start. Returns the spares there."""
+    with room for all of them); else no spare at all, as after a fresh start. Returns the spares there."""
     spare_dir = settings.update_store_dir / SPARE_DIR
     shutil.rmtree(spare_dir, ignore_errors=True)
     if not steady:
         return 0
-    store, retired = UpdateStore(settings.update_store_dir, spare_limit=count), f"{settings.model_id}-retired"
+    store, retired = UpdateStore(settings.update_store_dir, spare_bytes=count * num_params * 4), f"{settings.model_id}-retired"
     zeros = np.zeros(num_params, dtype=np.float32)
     for i in range(count):
         store.put(retired, 0, f"device-{i}", zeros)

@@ -112,9 +112,9 @@ class Settings:
     # and of pinned versions; every version's metadata (the lineage) is kept.
     model_store_keep_last: int = 50
     model_store_keep_every: int = 100
-    # Update store retention (fedguard/updatestore.py): files of pruned base versions kept to be written over (a
-    # new file costs the kernel 5x the CPU); 0: delete them.
-    update_store_spare_files: int = 1024
+    # Update store retention (fedguard/updatestore.py): files of pruned base versions kept to be written over, up to
+    # this many bytes in all (a new file costs the kernel 5x the CPU); 0: delete them.
+    update_store_spare_bytes: int = 256 << 20
     # Bounded broker memory (`fedguard up`, embedded broker): its memory engine keeps every record and ignores
     # retention, so when its resident memory passes this many bytes the stack holds the fleet, waits until the
     # pipeline has drained, and restarts the broker empty (docs/operations.md). 0: never.
@@ -160,8 +160,8 @@ class Settings:
     def __post_init_checks(self) -> None:
         if self.detection not in DETECTION_MODES:
             raise ValueError(f"detection must be one of {DETECTION_MODES}, got {self.detection!r}")
-        if self.update_store_spare_files < 0:
-            raise ValueError(f"FEDGUARD_UPDATE_STORE_SPARE_FILES must be >= 0, got {self.update_store_spare_files}")
+        if self.update_store_spare_bytes < 0:
+            raise ValueError(f"FEDGUARD_UPDATE_STORE_SPARE_BYTES must be >= 0, got {self.update_store_spare_bytes}")
         if self.audit not in AUDIT_MODES:
             raise ValueError(f"FEDGUARD_AUDIT must be one of {AUDIT_MODES}, got {self.audit!r}")
         if not self.audit_time_budget_s > 0 or self.audit_reference_versions < 1 or self.audit_warmup_versions < 0:

@@ -19,7 +19,7 @@ temporary name and renamed, so a reader finds the whole tensor or nothing.
 
 Retention (:meth:`UpdateStore.prune`): the aggregator deletes the directories of base versions no window can still
 use and the audit's look-back no longer reads (``aggregator.auditing.LOOKBACK_WINDOWS``), after it published each
-version. Their files are not unlinked but renamed into ``<root>/@spare/`` (up to ``spare_limit``; ``@`` is outside
+version. Their files are not unlinked but renamed into ``<root>/@spare/`` (up to ``spare_bytes`` in all; ``@`` is outside
 the id alphabet, so no model id can name it), and :meth:`UpdateStore.put` renames a spare to its temporary name and
 writes over it: writing into a file's existing pages costs the kernel a copy, a new file's pages must be allocated
 and, once background writeback runs, reclaimed. Measured on this machine (ext4), 400 kB per file, 8,000 files, old
@@ -46,7 +46,7 @@ _SUFFIX = ".f32"
 _DTYPE = np.dtype("<f4")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # the wire's id alphabet (fedguard/envelope.py)
 SPARE_DIR = "@spare"  # pruned files waiting to be written over; not a valid model id
-SPARE_LIMIT = 1024  # spares kept at most (at d = 159k, 650 MB: what a few versions' tensors took before pruning)
+SPARE_BYTES = 256 << 20  # spares kept at most, in bytes (at d = 159k, 422 files: dozens of windows' writes)
 _RESCAN_S = 1.0  # an empty spare list is refilled from the directory at most this often (other processes prune)
 
 
@@ -63,9 +63,9 @@ def _component(value: str, what: str) -> str:
 class UpdateStore:
     """Tensors of validated updates under ``root`` (see the module docstring)."""
 
-    def __init__(self, root: Path | str, spare_limit: int = SPARE_LIMIT) -> None:
+    def __init__(self, root: Path | str, spare_bytes: int = SPARE_BYTES) -> None:
         self.root = Path(root)
-        self.spare_limit = spare_limit
+        self.spare_bytes = spare_bytes
         self._spares: list[str] = []  # names in the spare directory this process may take (others may take them too)
         self._scanned = -_RESCAN_S
         self._lock = threading.Lock()  # put runs in worker threads
@@ -135,15 +135,16 @@ class UpdateStore:
         old = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and int(p.name) < keep_from)
         spare_dir = self.root / SPARE_DIR
         room = 0
-        if old and self.spare_limit > 0:
+        if old and self.spare_bytes > 0:
             spare_dir.mkdir(exist_ok=True)
-            room = self.spare_limit - len(os.listdir(spare_dir))
+            room = self.spare_bytes - sum(_size(entry) for entry in os.scandir(spare_dir))
         for version in old:
             for entry in os.scandir(model_dir / str(version)):
-                if room > 0 and entry.name.endswith(_SUFFIX) and entry.is_file(follow_symlinks=False):
+                size = _size(entry)
+                if 0 < size <= room and entry.name.endswith(_SUFFIX) and entry.is_file(follow_symlinks=False):
                     try:
                         os.replace(entry.path, spare_dir / secrets.token_hex(16))
-                        room -= 1
+                        room -= size
                     except FileNotFoundError:
                         pass
             shutil.rmtree(model_dir / str(version), ignore_errors=True)
@@ -158,6 +159,13 @@ class UpdateStore:
         _component(parts[0], "model id")
         _component(parts[2], "file name")
         return self.root / ref
+
+
+def _size(entry: os.DirEntry) -> int:
+    try:
+        return entry.stat(follow_symlinks=False).st_size
+    except FileNotFoundError:  # taken or pruned by another process meanwhile
+        return 0
 
 
 def keep_from(current_version: int, max_staleness: int) -> int:

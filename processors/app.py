@@ -607,7 +607,7 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
         for name in (t.raw, t.valid, t.rejected, t.valid_index, t.windows, t.events))
     window_table = app.Table("windows", default=None, use_partitioner=True, partitions=settings.partitions)
     outputs = ValidationOutputs(valid_topic, rejected_topic, index_topic, events_topic, sketch_spec,
-                                UpdateStore(settings.update_store_dir, settings.update_store_spare_files))
+                                UpdateStore(settings.update_store_dir, settings.update_store_spare_bytes))
     stage = WindowStage(settings, windows_topic, events_topic)
 
     @app.agent(raw_topic)

@@ -170,6 +170,6 @@ def test_the_steady_state_store_holds_a_spare_per_record_and_the_empty_one_none(
     spare_dir = settings.update_store_dir / SPARE_DIR
     assert len(os.listdir(spare_dir)) == 7 and sorted(os.listdir(settings.update_store_dir)) == [SPARE_DIR,
                                                                                                    "bench-w1r0-retired"]
-    ref = UpdateStore(settings.update_store_dir, spare_limit=0).put("bench-w1r0", 0, "d", np.ones(5, np.float32))
+    ref = UpdateStore(settings.update_store_dir, spare_bytes=0).put("bench-w1r0", 0, "d", np.ones(5, np.float32))
     assert len(os.listdir(spare_dir)) == 6 and ref  # the worker's writes take them
     assert pipeline.prepare_store(settings, 7, 5, steady=False) == 0 and not spare_dir.exists()

@@ -154,8 +154,8 @@ def spares(store: UpdateStore) -> list[str]:
     return sorted(os.listdir(spare_dir)) if spare_dir.is_dir() else []
 
 
-def test_prune_keeps_up_to_spare_limit_files_as_spares_and_deletes_the_rest(tmp_path):
-    store = UpdateStore(tmp_path / "u", spare_limit=3)
+def test_prune_keeps_spares_up_to_spare_bytes_and_deletes_the_rest(tmp_path):
+    store = UpdateStore(tmp_path / "u", spare_bytes=3 * 16)  # three tensors of 4 float32
     for v in (0, 1):
         for d in range(2):
             store.put("m", v, f"dev-{d}", np.ones(4, np.float32))
@@ -167,8 +167,21 @@ def test_prune_keeps_up_to_spare_limit_files_as_spares_and_deletes_the_rest(tmp_
     assert store.prune("m", 3) == [2] and len(spares(store)) == 3  # full: the next pruned file is deleted
 
 
-def test_a_spare_limit_of_zero_deletes_every_pruned_file(tmp_path):
-    store = UpdateStore(tmp_path / "u", spare_limit=0)
+def test_a_pruned_file_larger_than_the_room_left_is_deleted_and_smaller_ones_still_kept(tmp_path):
+    store = UpdateStore(tmp_path / "u", spare_bytes=40)
+    store.put("m", 0, "dev-big", np.ones(8, np.float32))  # 32 bytes
+    store.prune("m", 1)
+    store.put("m", 1, "dev-a", np.ones(3, np.float32))  # takes that spare: 12 bytes now
+    store.put("m", 1, "dev-b", np.ones(8, np.float32))  # 32 bytes
+    store.put("m", 1, "dev-c", np.ones(2, np.float32))  # 8 bytes
+    assert store.prune("m", 2) == [1]
+    kept = sorted(os.path.getsize(store.root / SPARE_DIR / name) for name in spares(store))
+    # 12 + 32 > 40: whichever of the two comes first is kept, the other deleted, and the 8 bytes still fit
+    assert kept in ([8, 12], [8, 32])
+
+
+def test_a_spare_bound_of_zero_deletes_every_pruned_file(tmp_path):
+    store = UpdateStore(tmp_path / "u", spare_bytes=0)
     store.put("m", 0, "dev-0", np.ones(4, np.float32))
     assert store.prune("m", 1) == [0] and files(store) == []
 
