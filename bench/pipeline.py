@@ -267,7 +267,8 @@ def prepare_store(settings: Settings, count: int, num_params: int, steady: bool)
     shutil.rmtree(spare_dir, ignore_errors=True)
     if not steady:
         return 0
-    store, retired = UpdateStore(settings.update_store_dir, spare_bytes=count * num_params * 4), f"{settings.model_id}-retired"
+    store = UpdateStore(settings.update_store_dir, spare_bytes=count * num_params * 4)
+    retired = f"{settings.model_id}-retired"
     zeros = np.zeros(num_params, dtype=np.float32)
     for i in range(count):
         store.put(retired, 0, f"device-{i}", zeros)
@@ -909,7 +910,8 @@ def write_results(args: argparse.Namespace, measured: dict[str, Any], summary: d
         "",
         "Per-repeat ratios: one worker / floor " + ", ".join(_fmt(v, ".2f") for v in s["ratios_one_to_floor"])
         + "; two / one " + ", ".join(_fmt(v, ".2f") for v in s["speedups"])
-        + "; one worker on an empty store / floor " + ", ".join(_fmt(v, ".2f") for v in s["ratios_empty_store_to_floor"])
+        + "; one worker on an empty store / floor "
+        + ", ".join(_fmt(v, ".2f") for v in s["ratios_empty_store_to_floor"])
         + f" (median {_fmt(s['ratio_empty_store_to_floor'], '.0%')}).",
         "",
         "The 1- and 2-worker runs start with as many spare files in the update store as they write: the steady "

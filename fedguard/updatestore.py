@@ -13,21 +13,22 @@ Kafka topic accepts. Large payloads beside the log and a reference in the record
 "Enterprise Integration Patterns", 2003: Claim Check).
 
 Layout: ``<root>/<model id>/<base version>/<device id>.<random token>.f32``, the tensor's float32 values in
-little-endian order and nothing else. The token (from :mod:`secrets`) makes every write a new file: two devices, or a
-re-delivery, or a broker whose memory engine restarted its offsets at 0, never share a name. A file is written to a
-temporary name and renamed, so a reader finds the whole tensor or nothing.
+little-endian order and nothing else. The token (from :mod:`secrets`) gives every write a new name: two devices, or
+a re-delivery, or a broker whose memory engine restarted its offsets at 0, never share one, and a name is never used
+again. A file is written to a temporary name and renamed, so a reader finds the whole tensor or nothing.
 
 Retention (:meth:`UpdateStore.prune`): the aggregator deletes the directories of base versions no window can still
 use and the audit's look-back no longer reads (``aggregator.auditing.LOOKBACK_WINDOWS``), after it published each
-version. Their files are not unlinked but renamed into ``<root>/@spare/`` (up to ``spare_bytes`` in all; ``@`` is outside
-the id alphabet, so no model id can name it), and :meth:`UpdateStore.put` renames a spare to its temporary name and
-writes over it: writing into a file's existing pages costs the kernel a copy, a new file's pages must be allocated
-and, once background writeback runs, reclaimed. Measured on this machine (ext4), 400 kB per file, 8,000 files, old
-files removed as new ones come: 0.37 ms of system CPU per new file against 0.07 ms per overwritten spare; under the
-validation stage's write rate the new-file cost rose to 0.9 ms. A spare holds a pruned tensor until it is reused:
-the store's directory is as private as before, and the limit bounds what it keeps. Every process that reads or writes must see the same directory: the embedded
-stack's processes share the data dir; in compose every fedguard service mounts the same volume; on several hosts it
-must be shared storage.
+version. Their files are not unlinked but renamed into ``<root>/@spare/`` (up to ``spare_bytes`` in all; ``@`` is
+outside the id alphabet, so no model id can name it), and :meth:`UpdateStore.put` renames a spare to its temporary
+name and writes over it: writing into a file's existing pages costs the kernel a copy, a new file's pages must be
+allocated and, once background writeback runs, reclaimed. Measured on this machine (ext4), 400 kB per file, 8,000
+files, old files removed as new ones come: 0.37 ms of system CPU per new file against 0.07 ms per overwritten spare;
+under the validation stage's write rate the new-file cost rose to 0.9 ms. A spare holds a pruned tensor until it is
+reused: the store's directory is as private as before, and the bound limits what it keeps.
+
+Every process that reads or writes must see the same directory: the embedded stack's processes share the data dir;
+in compose every fedguard service mounts the same volume; on several hosts it must be shared storage.
 """
 
 from __future__ import annotations

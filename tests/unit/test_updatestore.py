@@ -148,7 +148,7 @@ def test_keep_from_keeps_every_base_version_a_device_may_still_send_and_the_one_
             assert keep_from(current, staleness) <= max(0, oldest_admitted - 1)
 
 
-# -- spares: pruned files written over instead of new ones --------------------------------------------------------------
+# -- spares: pruned files written over instead of new ones ------------------------------------------------------------
 def spares(store: UpdateStore) -> list[str]:
     spare_dir = store.root / SPARE_DIR
     return sorted(os.listdir(spare_dir)) if spare_dir.is_dir() else []
