@@ -115,9 +115,11 @@ def _spec(name: str, summary: str, paper: str, targeted: bool, needs_benign: boo
 
 
 ATTACKS: dict[str, AttackSpec] = {s.name: s for s in (
+    # plain backdoor training (class_weight 1): the paper's model replacement (Sec. 4) has no anomaly-evasion loss;
+    # eq. 4 is constrain-and-scale's, and {"class_weight": 0.7} gives that single shot
     _spec("model_replacement", "one round: backdoor-train, scale the delta by gamma = n/eta (split over the "
           "round's colluders) so the average replaces the global model", _BAGDASARYAN + ", eq. 3",
-          True, False, {**_BACKDOOR, "eta": 1.0, "gamma": None}, schedule="single"),
+          True, False, {**_BACKDOOR, "class_weight": 1.0, "eta": 1.0, "gamma": None}, schedule="single"),
     _spec("constrain_and_scale", "every round: backdoor-train with the anomaly-evasion loss, scale the delta to "
           "the median honest norm", _BAGDASARYAN + ", eq. 3-4", True, True,
           {**_BACKDOOR, "norm": "median_honest", "eta": 1.0, "gamma": None, "bound": None, "omniscient": False}),

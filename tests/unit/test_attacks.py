@@ -510,8 +510,10 @@ def test_craft_round_is_deterministic_given_the_rng(fleet, kind):
 
 def test_craft_round_model_replacement_splits_gamma_and_is_single_shot(fleet):
     honest = {i: fleet["honest"](i)[0] for i in (3, 11)}
-    # the plain backdoor deltas X_i - G of the two colluders (same seeds: same rng state, same order)
-    plain = craft_round("window_stuffing", {"base_attack": "backdoor", "count": 1}, fleet["make"]([3, 11]))
+    # the plain backdoor deltas X_i - G of the two colluders (same seeds: same rng state, same order); model
+    # replacement trains without the anomaly-evasion loss (class_weight 1), as the paper's Sec. 4
+    plain = craft_round("window_stuffing", {"base_attack": "backdoor", "count": 1, "class_weight": 1.0},
+                        fleet["make"]([3, 11]))
     # default gamma = window_size / eta = 10, split over the k = 2 colluders: 5 x each backdoor delta, so the
     # window's sum carries gamma (mean X_i - G), the paper's eq. 3
     first = craft_round("model_replacement", {}, fleet["make"]([3, 11]))
@@ -520,6 +522,8 @@ def test_craft_round_model_replacement_splits_gamma_and_is_single_shot(fleet):
         assert not np.allclose(plain[i][0][0], honest[i])
     later = craft_round("model_replacement", {}, fleet["make"]([3, 11], round_index=1))
     assert all(np.array_equal(later[i][0][0], honest[i]) for i in later)
+    evasive = craft_round("model_replacement", {"class_weight": 0.7}, fleet["make"]([3, 11]))
+    assert all(np.linalg.norm(evasive[i][0][0]) < np.linalg.norm(first[i][0][0]) for i in (3, 11))
 
 
 def test_craft_round_constrain_and_scale_sits_at_the_median_honest_norm(fleet):
