@@ -12,8 +12,10 @@ live defaults for everything else (rule ``fedavg``, detection ``ensemble``, sket
 * **Attacks**: every kind of ``producers.attacks.registry.ATTACKS`` at 20 % compromised devices from round 5 on,
   ``--attack-rounds`` rounds, ``--attack-seeds``; ``model_replacement`` is single-shot (one round per run), so it
   is run ``--replacement-runs`` times (seeds 0, 1, ...) for 7 rounds each; ``slow_drift`` runs
-  ``--drift-rounds``. ``--variants`` adds settings of an attack (e.g. the paper's naive model replacement,
-  ``model_replacement:class_weight=1.0``). TP = malicious *window members* flagged (``tp``) / rejected (``tp_reject``). Updates refused
+  ``--drift-rounds``. ``--variants`` adds settings of an attack (e.g. model replacement trained with
+  constrain-and-scale's anomaly-evasion loss, ``model_replacement:class_weight=0.7``). TP = malicious *window
+  members* flagged (``tp``) / rejected (``tp_reject``); over crafted members only (``tp_crafted``: not a lone
+  colluder's honest copy). Updates refused
   before the window (a second update of a device in a window: window stuffing's copies) are counted apart.
 * **Cost**: ``--cost-repeats`` repeats (median) of sketching 100 updates of 1M float32 parameters and judging the
   window (``score_window`` with a 10-round history per member and a previous global sketch, then reputation and
@@ -21,7 +23,7 @@ live defaults for everything else (rule ``fedavg``, detection ``ensemble``, sket
 
 Usage (the committed results)::
 
-    python bench/detection.py --attack-seeds 0 1 --variants model_replacement:class_weight=1.0 \
+    python bench/detection.py --attack-seeds 0 1 --variants model_replacement:class_weight=0.7 \
         --out bench/results/detection.md
 """
 
@@ -93,7 +95,7 @@ def measure_cost(repeats: int, n: int = 100, d: int = 1_000_000, k: int = 1024) 
     import torch
 
     from fedguard.sketch import SketchSpec, _hash, sketch_rows
-    from processors.detectors import DeviceHistory, updated
+    from processors.detectors import updated
     from processors.ensemble import score_window
     from processors.reputation import Reputation, observe
     from processors.validation import finite_norm
@@ -132,6 +134,14 @@ def measure_cost(repeats: int, n: int = 100, d: int = 1_000_000, k: int = 1024) 
     med = {key: statistics.median(v) for key, v in times.items()}
     return {"n": n, "d": d, "k": k, "repeats": repeats, "hash_once_s": hash_s, "median_s": med,
             "all_s": times, "total_median_s": med["sketch"] + med["judge"]}
+
+
+def crafted(a: dict[str, Any]) -> str:
+    """TP over the crafted members only (not a lone colluder's honest copy: ``simulation.honest_copy``), with their
+    count; "-" for results recorded before the simulation told them apart."""
+    if a.get("tp_crafted") is None:
+        return "-"
+    return f"{pct(a['tp_crafted'])} of {a['crafted']}"
 
 
 def summarise(tagged: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -183,7 +193,7 @@ def slow_drift_story(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def compact(kind: str, res: dict[str, Any]) -> dict[str, Any]:
     keys = ("round", "main_accuracy", "backdoor_accuracy", "malicious", "honest", "flagged_malicious",
             "flagged_honest", "rejected_malicious", "rejected_honest", "quarantined_malicious", "quarantined_honest",
-            "refused_malicious", "sampled_malicious", "skipped")
+            "refused_malicious", "sampled_malicious", "skipped", "crafted", "flagged_crafted", "rejected_crafted")
     return {"kind": kind, "seed": res["config"]["seed"], "compromised": res["compromised"],
             "initial": res["initial"], "seconds": res["seconds"],
             "rounds": columns([{k: r[k] for k in keys} for r in res["rounds"]])}
@@ -255,10 +265,11 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"## True positives at {int(100 * FRACTION)} % compromised devices",
         "",
-        "| attack | runs x rounds | malicious members | TP flagged | TP rejected | refused before the window "
+        "| attack | runs x rounds | malicious members | TP flagged | TP rejected | TP flagged, crafted only "
+        "| refused before the window "
         "| honest FP (flagged / rejected) | attackers quarantined at end / compromised devices in windows | max backdoor "
         "| final main acc |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in report["attacks"]:
         a = s.get(kind)
@@ -267,7 +278,7 @@ def render(report: dict[str, Any]) -> str:
         bd = pct(a["max_backdoor_accuracy"]) if ATTACKS[a["kind"]].targeted else "–"
         lines.append(
             f"| {kind} | {a['runs']} x {a['rounds'][0]} | {a['malicious']} | {pct(a['tp'])} | {pct(a['tp_reject'])} "
-            f"| {a['refused_malicious']} | {pct(a['fp'])} / {pct(a['fp_reject'])} "
+            f"| {crafted(a)} | {a['refused_malicious']} | {pct(a['fp'])} / {pct(a['fp_reject'])} "
             f"| {a['attackers_quarantined_at_end']} / {a['compromised_devices_seen']} | {bd} "
             f"| {statistics.mean(a['final_main_accuracy']):.4f} |")
     lines += ["", "Per detector: share of malicious members each detector voted against.", "",
@@ -343,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drift-rounds", type=int, default=40)
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     p.add_argument("--variants", nargs="*", default=[],
-                   help='extra attack settings, e.g. "model_replacement:class_weight=1.0"')
+                   help='extra attack settings, e.g. "model_replacement:class_weight=0.7"')
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cost-repeats", type=int, default=5)
     p.add_argument("--no-calibrate", action="store_true")
@@ -443,17 +454,18 @@ def notes(report: dict[str, Any]) -> list[str]:
                    f"the end).")
     if "model_replacement" in s:
         a = s["model_replacement"]
-        line = (f"model_replacement (library default, class_weight 0.7: the backdoor is trained with the "
-                f"anomaly-evasion loss, so its delta is small) is single-shot: {a['runs']} runs, {a['malicious']} "
-                f"malicious members, each sending gamma / k = 10 / k times its delta (k = colluders in the window): "
-                f"with k >= 2 that was about 2x the honest norms in the windows inspected, under the magnitude cut "
-                f"(3.08x the centre), so "
-                f"{pct(a['tp'])} flagged, {pct(a['tp_reject'])} rejected, max backdoor {pct(a['max_backdoor_accuracy'])}.")
-        naive = next((k for k in s if k.startswith("model_replacement (")), None)
-        if naive:
-            b = s[naive]
-            line += (f" The paper's naive version ({naive}) is caught: {pct(b['tp'])} flagged, "
-                     f"{pct(b['tp_reject'])} rejected, max backdoor {pct(b['max_backdoor_accuracy'])}.")
+        line = (f"model_replacement (the paper's: plain backdoor training, class_weight 1.0) is single-shot: "
+                f"{a['runs']} runs, {a['malicious']} malicious members, each sending gamma / k = 10 / k times its "
+                f"delta (k = colluders in the window): {pct(a['tp'])} flagged, {pct(a['tp_reject'])} rejected, "
+                f"max backdoor {pct(a['max_backdoor_accuracy'])}.")
+        evasive = next((k for k in s if k.startswith("model_replacement (")), None)
+        if evasive:
+            b = s[evasive]
+            line += (f" Trained with constrain-and-scale's anomaly-evasion loss instead ({evasive}), its delta is "
+                     f"small: with k >= 2 each colluder's share was about 2x the honest norms in the windows "
+                     f"inspected, under the magnitude cut (3.08x the centre; docs/detection.md), so "
+                     f"{pct(b['tp'])} flagged, {pct(b['tp_reject'])} rejected, max backdoor "
+                     f"{pct(b['max_backdoor_accuracy'])}: not detectable per window, like constrain_and_scale.")
         out.append(line)
     if "sign_flip" in s:
         a = s["sign_flip"]
@@ -467,7 +479,8 @@ def notes(report: dict[str, Any]) -> list[str]:
         out.append(f"alie / min_max / min_sum with partial knowledge: the colluders of a window send one identical "
                    f"vector, so the Sybil detector rejects them (sybil votes {pct(get('alie', 'votes_tp')['sybil'], 0)}); "
                    f"a colluder alone in its window has no spread to hide in and sends its honest delta (the library's "
-                   f"rule), which is accepted: that is the {pct(1 - (get('alie', 'tp') or 0))} not flagged.")
+                   f"rule), which is accepted: that is the {pct(1 - (get('alie', 'tp') or 0))} not flagged "
+                   f"(of the crafted updates: {crafted(s['alie'])} flagged).")
     if "slow_drift" in s:
         d = report["slow_drift"]
         out.append("slow_drift (beta 0.3): no detector separates it per window or over the histories "

@@ -259,7 +259,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"{report['device_id']}: {report['status']}"
           f"{' (' + report['status_reason'] + ')' if report['status_reason'] else ''}, key {report['fingerprint']}")
     print(f"  trust {report['trust']:.3f} (beta reputation: positive evidence {rep['r']:.2f}, negative "
-          f"{rep['s']:.2f}; {rep['windows']} windows, {rep['strikes']} rejected in a row, quarantined "
+          f"{rep['s']:.2f}; {rep['windows']} windows, {rep['strikes']} flagged in a row, quarantined "
           f"{rep['quarantines']} times{', on probation' if rep['probation'] else ''})")
     if not report["history"]:
         print("  no window has judged this device yet")

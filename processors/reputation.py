@@ -22,23 +22,25 @@ Quarantine (``status = "quarantined"``) when **any** of
   private data and travels sealed to the server. Waiting for 3 strikes instead let a Sybil group keep its members
   for as long as 3 samplings of each take (at 10 of 100 devices per round, 2 to 4 of 12-15 Sybils that took part
   were quarantined within 10 rounds, bench/results/audit.md before this rule);
-* ``strikes`` (consecutive rejected windows) reaches 3: a device rejected in 3 windows in a row is quarantined
-  whatever its past, because Beta evidence alone cannot both forgive a new device's one mistake and quarantine a
-  long-honest one quickly (E after 3 rejects from the steady state r = 10 is still 0.56); or
-* ``E < quarantine_below`` (0.15): the slow rule, for a device mostly rejected or always downweighted, e.g. a
-  device downweighted in every window crosses it after about 50 windows, one rejected in 80 % of its windows
-  in its steady state.
+* ``strikes`` (consecutive windows in which the detectors judged against the device: downweighted or rejected)
+  reaches 3: a device flagged in 3 of its windows in a row is quarantined whatever its past, because Beta evidence
+  alone cannot both forgive a new device's one mistake and quarantine a long-honest one quickly (E after 3 rejects
+  from the steady state r = 10 is still 0.56; a device downweighted in every window took about 50 windows to fall
+  below 0.15). Downweights count since 2026-12-03: label-flipping devices were downweighted in 9 of 10 of their
+  windows and none was ever quarantined (0 of 38, bench/results/detection.md before the change). A downweight
+  from the trust rule alone (``low_trust``, no detector vote) is evidence ``accept`` (processors/ensemble.py), so
+  low trust does not feed itself; or
+* ``E < quarantine_below`` (0.15): the slow rule, e.g. for a device rejected in 2 of every 3 windows (below).
 
 Numbers an honest device lives with (computed in tests/unit/test_reputation.py): a new device rejected in its first
-window has E = 1/4 = 0.25, in its first two E = 1/5.8 = 0.172, both above 0.15; a device wrongly rejected in 1 % of
-its windows at random (and downweighted in 5 %) stays near E = 0.88 and is never quarantined (3 rejects in a row
-have probability 1e-6 per window).
+window has E = 1/4 = 0.25, in its first two E = 1/5.8 = 0.172, both above 0.15; a device flagged at random in 1 % of
+its windows (the ensemble's measured rate on honest members is 0.5 %, 0.1 % rejected: bench/results/detection.md)
+is quarantined by 3 flags in a row with probability 1e-6 per window, i.e. about once in 10^6 windows, and released
+after the probation; at 5 % it would be once in 8,000 windows.
 
-What it does not catch: a device that avoids three rejects in a row. Rejected in 2 of every 3 windows it settles at
-E = 0.26 (not quarantined, but below the ensemble's ``trust_min`` of 0.3, so even its accepted updates get weight
-0.5); alternating reject/accept it settles at E = 0.33. Its rejected updates carry no weight either way. A rule such
-as "3 rejects in the last 5 windows" would catch both, at the price of quarantining an honest device with 1 % random
-rejects with probability ~1e-5 per window instead of 1e-6.
+What it does not catch: a device that avoids three flagged windows in a row. Rejected in 2 of every 3 windows it
+settles at E = 0.26 (not quarantined, but below the ensemble's ``trust_min`` of 0.3, so even its accepted updates get
+weight 0.5); alternating reject/accept it settles at E = 0.33. Its rejected updates carry no weight either way.
 
 Release (:func:`maybe_release`) after ``probation_s`` seconds (1 hour) in quarantine: status back to ``"active"``
 with the evidence restarted at r = 0, s = 4 (E = 1/6 = 0.167: below the ensemble's ``trust_min`` of 0.3, so its
@@ -68,7 +70,7 @@ class ReputationParams:
     downweight_evidence: float = 0.5  # s += on downweight
     reject_evidence: float = 2.0     # s += on reject
     quarantine_below: float = 0.15   # E below this quarantines
-    strikes_to_quarantine: int = 3   # consecutive rejects that quarantine
+    strikes_to_quarantine: int = 3   # consecutive flagged windows (downweight or reject) that quarantine
     probation_s: float = 3600.0      # seconds in quarantine before release
     restart_r: float = 0.0           # evidence after release: E = (0 + 1) / (0 + 4 + 2) = 1/6
     restart_s: float = 4.0
@@ -94,7 +96,7 @@ class Reputation:
     s: float = 0.0
     status: str = "active"           # "active" | "quarantined"
     quarantined_at: float | None = None
-    strikes: int = 0                 # consecutive rejected windows
+    strikes: int = 0                 # consecutive flagged windows (downweighted or rejected)
     probation: int = 0               # accepts still needed to leave probation (0 = not on probation)
     windows: int = 0                 # observations so far
     quarantines: int = 0             # times quarantined
@@ -164,6 +166,7 @@ def observe(rep: Reputation, evidence: str, now: float,
         probation = max(0, probation - 1)
     elif evidence == "downweight":
         s += params.downweight_evidence
+        strikes += 1
         events.append("flagged")
     else:
         s += params.reject_evidence

@@ -14,8 +14,8 @@ keys) and asserts what the model and the honest devices kept:
 * no honest member is rejected while the attack runs (at most one, the ensemble's base rate on clean traffic);
 * the attacker's influence is at most one member per window: one seat per device, and near-identical copies from
   several devices are rejected together;
-* a repeat offender is quarantined: after at most 3 windows in which it was rejected (reputation strikes), after one
-  window in a Sybil group, and the validator then refuses its updates with reason code `quarantined`.
+* a repeat offender is quarantined: after at most 3 windows in a row in which it was flagged (reputation strikes),
+  after one window in a Sybil group, and the validator then refuses its updates with reason code `quarantined`.
 """
 
 from __future__ import annotations

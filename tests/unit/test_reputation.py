@@ -31,7 +31,7 @@ def test_expectation_and_forgetting_before_the_observation():
     rep, ev = observe(rep, "downweight", now=6.0)
     assert rep.s == pytest.approx(0.81 + 0.5) and ev == ["flagged"] and rep.windows == 2
     rep, ev = observe(rep, "reject", now=7.0)
-    assert rep.s == pytest.approx(0.9 * 1.31 + 2) and rep.strikes == 1 and ev == ["flagged"]
+    assert rep.s == pytest.approx(0.9 * 1.31 + 2) and rep.strikes == 2 and ev == ["flagged"]  # both flagged
     with pytest.raises(ValueError):
         observe(rep, "maybe", now=8.0)
 
@@ -77,29 +77,37 @@ def test_three_consecutive_rejects_quarantine(start):
     assert rep2.status == "active"  # not consecutive
 
 
-def test_honest_device_rejected_in_one_percent_of_windows_is_never_quarantined():
+def test_honest_device_flagged_in_one_percent_of_windows_keeps_its_trust():
+    # twice the ensemble's measured rate on honest members (0.53 % flagged, 0.10 % rejected: detection.md)
     rng = np.random.default_rng(0)
     draws = rng.random(100_000)
-    verdicts = np.where(draws < 0.01, "reject", np.where(draws < 0.06, "downweight", "accept"))
-    rep, lowest = Reputation(), 1.0
+    verdicts = np.where(draws < 0.002, "reject", np.where(draws < 0.01, "downweight", "accept"))
+    rep, lowest, quarantines = Reputation(), 1.0, 0
     for i, v in enumerate(verdicts):
         rep, ev = observe(rep, str(v), now=float(i))
-        assert "quarantined" not in ev
+        quarantines += "quarantined" in ev
         if i > 50:
             lowest = min(lowest, rep.expectation)
     assert lowest > 0.5  # far from 0.15
+    # 3 flags in a row at random: 1e-6 per window, ~0.1 in these 100,000 windows (this draw: none)
+    assert quarantines == 0
     # the worst two-in-a-row from the steady state
     rep, _ = feed(steady(), ["reject", "reject"])
     assert rep.status == "active" and rep.expectation > 0.6
 
 
-def test_always_downweighted_device_is_quarantined_slowly():
-    rep = steady()
-    for i in range(200):
-        rep, ev = observe(rep, "downweight", now=float(i))
-        if "quarantined" in ev:
-            break
-    assert 40 <= i <= 60 and rep.status == "quarantined"
+@pytest.mark.parametrize("start", ["fresh", "steady"])
+def test_three_flagged_windows_in_a_row_quarantine_downweights_included(start):
+    """A label-flipping device is downweighted in most of its windows and rarely rejected: three flagged windows in
+    a row (any mix of downweight and reject) quarantine it; an accepted window in between resets the count."""
+    before = Reputation() if start == "fresh" else steady()
+    for run in (["downweight"] * 3, ["downweight", "reject", "downweight"], ["reject", "downweight", "downweight"]):
+        rep, ev = feed(before, run, t0=10.0)
+        assert rep.status == "quarantined" and rep.quarantined_at == 12.0 and ev.count("quarantined") == 1, run
+        if start == "steady" and run == ["downweight"] * 3:
+            assert rep.expectation > 0.7  # the Beta evidence alone would have kept it for ~50 windows
+    rep, ev = feed(before, ["downweight", "downweight", "accept"] * 50)
+    assert rep.status == "active" and "quarantined" not in ev and rep.strikes == 0
 
 
 def test_interleaved_rejects_are_not_quarantined_but_lose_trust():
