@@ -439,9 +439,13 @@ def notes(report: dict[str, Any]) -> list[str]:
         c = s["clean"]
         out.append(f"Clean windows: every honest member flagged was flagged by the size family (magnitude "
                    f"{pct(c['votes_fp']['magnitude'], 2)}, distance {pct(c['votes_fp']['distance'], 2)}: honest norm "
-                   f"spikes); {c['rejected_honest']} of {c['honest']} honest members rejected; no honest device "
-                   f"quarantined in any run of this benchmark "
-                   f"({sum(v['honest_devices_quarantined'] for v in s.values())}).")
+                   f"spikes); {c['rejected_honest']} of {c['honest']} honest members rejected.")
+        quarantined = {k: v["honest_devices_quarantined"] for k, v in s.items() if v["honest_devices_quarantined"]}
+        out.append("Honest devices quarantined: " + (
+            "none in any run of this benchmark." if not quarantined else
+            ", ".join(f"{n} in the {k} runs" for k, n in quarantined.items())
+            + " (a device whose own updates the detectors flagged in 3 of its windows in a row: the strike rule "
+              "counts downweights; its flagged rounds are in the JSON's per-round columns)."))
     if "window_stuffing" in s:
         a = s["window_stuffing"]
         out.append(f"window_stuffing: every copy after a device's first was refused before the window "
