@@ -141,8 +141,9 @@ class UpdateStore:
             room = self.spare_bytes - sum(_size(entry) for entry in os.scandir(spare_dir))
         for version in old:
             for entry in os.scandir(model_dir / str(version)):
-                size = _size(entry)
-                if 0 < size <= room and entry.name.endswith(_SUFFIX) and entry.is_file(follow_symlinks=False):
+                # no stat once the spares are full (the steady state): rmtree below removes the file
+                if (room > 0 and entry.name.endswith(_SUFFIX) and entry.is_file(follow_symlinks=False)
+                        and 0 < (size := _size(entry)) <= room):
                     try:
                         os.replace(entry.path, spare_dir / secrets.token_hex(16))
                         room -= size
