@@ -59,11 +59,12 @@ _OUTAGE_REPLIES = ("BUSY", "MISCONF", "NOREPLICAS")  # error replies redis-py ha
 # record, in this order:
 #   1. the registry: the public key the validator opened the record with must still be the device's key (else
 #      'rekey': the validator re-reads it; a record sealed with a replaced key then fails authentication), and the
-#      device must be active ('revoked', 'quarantined');
+#      device must be active ('revoked', 'quarantined'), unless the record is a re-delivery (2);
 #   2. replay: the sequence number must be above the last accepted one. The same update id at the same raw position
 #      as one of the device's last KEEP_DELIVERIES accepted records is that record delivered again after a worker
-#      crash (at-least-once), not a replay: it is accepted again whatever the version and the device's seat are now,
-#      and takes no token;
+#      crash (at-least-once), not a replay: it is accepted again whatever the version, the device's seat and its
+#      status are now (quarantined or revoked since: the first answer stands, and the window stage, which saw the
+#      record, de-duplicates it by update id), and takes no token;
 #   3. rate: one token from the device's bucket ('rate_limited'), then one from the global bucket
 #      ('ingress_limited'); both or neither are taken. Only authentic, fresh records get here, so a forger or a
 #      replayer cannot drain an honest device's bucket;
@@ -189,12 +190,12 @@ for k = 1, n do
     elseif status == 'revoked' then code = 'revoked'
     else code = 'quarantined'; info = status end
   end
-  local redelivery = false
+  local seq = tonumber(rseqs[k])
+  local redelivery = sseq[i] ~= nil and seq <= sseq[i] and delivered(sdel[i], rdel[k])
+  if redelivery and (code == 'quarantined' or code == 'revoked') then code = nil; info = '-' end
   if not code then
-    local seq = tonumber(rseqs[k])
-    if sseq[i] and seq <= sseq[i] then
-      if delivered(sdel[i], rdel[k]) then redelivery = true
-      else code = 'replay'; info = sseqs[i]; ev = note(prefix .. ':noted:replay:' .. ids[i]) end
+    if sseq[i] and seq <= sseq[i] and not redelivery then
+      code = 'replay'; info = sseqs[i]; ev = note(prefix .. ':noted:replay:' .. ids[i])
     end
     if not code and not redelivery then
       local tokens = stok[i] or dcap

@@ -59,4 +59,6 @@ def test_up_recycles_the_broker_and_loses_no_round(tmp_path):
         assert meta["parent"] == version - 1
         # A full window: nothing any device sent around a recycle was lost (a lost update leaves its window to
         # the deadline with fewer members).
-        assert (meta["members"], meta["window_closed_by"]) == (3, "count"), (version, meta["window_closed_by"])
+        assert (meta["members"], meta["window_closed_by"]) == (3, "count"), (
+            version, meta["window_closed_by"], [line for line in lines if "recycl" in line or "quarantin" in line
+                                                 or f"round {version} " in line or "rejected" in line])

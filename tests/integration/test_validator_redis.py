@@ -119,6 +119,31 @@ def test_revoked_and_quarantined_devices_get_their_own_codes_at_once(env):
     assert after[0].authenticated and after[0].device_id == "dev-r" and not after[2].authenticated
 
 
+def test_a_record_accepted_before_its_device_was_quarantined_or_revoked_keeps_its_answer_on_redelivery(env):
+    """At-least-once: a worker killed after validating a record, before acknowledging it, leaves it to be delivered
+    again; if the window stage quarantined the device in between (or an operator revoked it), the re-delivery must
+    still get its first answer (the two-workers kill -9 test saw 'valid' then 'quarantined' for one raw position).
+    A new record from the device is refused, and a copy of the old one at another position is a replay."""
+    f = env.fleet
+    for d in ("dev-q", "dev-r"):
+        f.enroll(d)
+    q1, r1 = f.seal("dev-q"), f.seal("dev-r")
+
+    async def scenario(make):
+        first = await codes(make(), [(q1, b"dev-q", "0:1"), (r1, b"dev-r", "0:2")])
+        registry.set_device_status(f.redis, env.settings, "dev-q", registry.QUARANTINED)
+        registry.set_device_status(f.redis, env.settings, "dev-r", registry.REVOKED, "stolen")
+        again = await codes(make(), [  # a restarted worker: nothing in memory
+            (q1, b"dev-q", "0:1"), (r1, b"dev-r", "0:2"),  # re-deliveries: the first answer
+            (q1, b"dev-q", "0:7"),  # the same bytes at another position: not a re-delivery
+            (f.seal("dev-q"), b"dev-q", "0:8"), (f.seal("dev-r"), b"dev-r", "0:9")])  # new records: refused
+        return first, again
+
+    first, again = env.run(scenario)
+    assert first == ["ok", "ok"]
+    assert again == ["ok", "ok", "quarantined", "quarantined", "revoked"]
+
+
 def test_after_rotation_the_old_key_fails_authentication_and_the_new_one_works(env):
     f = env.fleet
     f.enroll("dev-k")
