@@ -30,6 +30,17 @@ def recycling_up(tmp_path) -> Up:
                          "FEDGUARD_MODEL_STORE_KEEP_LAST": "3", "FEDGUARD_MODEL_STORE_KEEP_EVERY": "5"})
 
 
+def service_warnings(log_dir) -> dict[str, list[str]]:
+    """The fleet's and the processors' warnings and errors (a failure message's evidence: which send or which
+    record went missing around a recycle)."""
+    found = {}
+    for name in ("fleet", "processors"):
+        path = log_dir / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        found[name] = [line for line in text.splitlines() if "WARNING" in line or "ERROR" in line][-20:]
+    return found
+
+
 def test_up_recycles_the_broker_and_loses_no_round(tmp_path):
     up = recycling_up(tmp_path)
     try:
@@ -61,4 +72,5 @@ def test_up_recycles_the_broker_and_loses_no_round(tmp_path):
         # the deadline with fewer members).
         assert (meta["members"], meta["window_closed_by"]) == (3, "count"), (
             version, meta["window_closed_by"], [line for line in lines if "recycl" in line or "quarantin" in line
-                                                 or f"round {version} " in line or "rejected" in line])
+                                                 or f"round {version} " in line or "rejected" in line],
+            service_warnings(settings_of(up).data_dir / "logs"))
