@@ -26,6 +26,11 @@ def recycling_up(tmp_path) -> Up:
     return Up(tmp_path, args=("--task", "synthetic", "--devices", "6", "--per-round", "3", "--window-size", "3",
                               "--window-deadline", "20", "--no-prometheus"),
               extra_env={"FEDGUARD_BROKER_RECYCLE_BYTES": str(20 << 20), "FEDGUARD_ROUND_TIMEOUT_S": "60",
+                         # Recycling is under test, not detection: in 3-member windows of the synthetic task the
+                         # ensemble flags honest members often (CI, 2026-12-03: 0 to 2 of 3 accepted in 8 of 32
+                         # windows), three flags in a row quarantine a device, and with 4 of the 6 quarantined the
+                         # fleet samples the 2 left and every window then closes short by its deadline.
+                         "FEDGUARD_DETECTION": "none",
                          # and the model store's retention, small enough to act within the test
                          "FEDGUARD_MODEL_STORE_KEEP_LAST": "3", "FEDGUARD_MODEL_STORE_KEEP_EVERY": "5"})
 
