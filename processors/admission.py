@@ -190,11 +190,11 @@ for k = 1, n do
     elseif status == 'revoked' then code = 'revoked'
     else code = 'quarantined'; info = status end
   end
-  local seq = tonumber(rseqs[k])
-  local redelivery = sseq[i] ~= nil and seq <= sseq[i] and delivered(sdel[i], rdel[k])
+  local seen = sseq[i] ~= nil and tonumber(rseqs[k]) <= sseq[i]
+  local redelivery = seen and delivered(sdel[i], rdel[k])
   if redelivery and (code == 'quarantined' or code == 'revoked') then code = nil; info = '-' end
   if not code then
-    if sseq[i] and seq <= sseq[i] and not redelivery then
+    if seen and not redelivery then
       code = 'replay'; info = sseqs[i]; ev = note(prefix .. ':noted:replay:' .. ids[i])
     end
     if not code and not redelivery then

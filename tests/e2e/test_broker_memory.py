@@ -66,7 +66,7 @@ def test_up_recycles_the_broker_and_loses_no_round(tmp_path):
     assert len(held) >= 2 and not any("did not drain" in line for line in lines)
     rounds = [int(m.group(1)) for m in (re.match(r"round (\d+)  v", line) for line in lines) if m]
     assert rounds == list(range(1, max(rounds) + 1)), rounds  # every round reported once, none missing
-    store = ModelStore(settings_of(up).models_dir)
+    store = ModelStore(settings.models_dir)
     versions = store.versions()
     assert [v for v in versions if store.has_weights(v)] == sorted(
         {v for v in versions if v % 5 == 0} | set(versions[-3:])), "retention: the last 3 and every 5th"
@@ -78,4 +78,4 @@ def test_up_recycles_the_broker_and_loses_no_round(tmp_path):
         assert (meta["members"], meta["window_closed_by"]) == (3, "count"), (
             version, meta["window_closed_by"], [line for line in lines if "recycl" in line or "quarantin" in line
                                                  or f"round {version} " in line or "rejected" in line],
-            service_warnings(settings_of(up).data_dir / "logs"))
+            service_warnings(settings.data_dir / "logs"))

@@ -123,7 +123,8 @@ def test_a_record_accepted_before_its_device_was_quarantined_or_revoked_keeps_it
     """At-least-once: a worker killed after validating a record, before acknowledging it, leaves it to be delivered
     again; if the window stage quarantined the device in between (or an operator revoked it), the re-delivery must
     still get its first answer (the two-workers kill -9 test saw 'valid' then 'quarantined' for one raw position).
-    A new record from the device is refused, and a copy of the old one at another position is a replay."""
+    A new record from the device is refused, and so is a copy of the old one at another position (not a
+    re-delivery: the device's status answers it)."""
     f = env.fleet
     for d in ("dev-q", "dev-r"):
         f.enroll(d)
