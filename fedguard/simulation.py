@@ -50,7 +50,8 @@ backdoor accuracy of version 0), ``rounds`` (one record per round: ``round``, ``
 ``rejected_crafted`` (the malicious members that are not an honest copy, :func:`honest_copy`), ``quarantined_*`` (devices in quarantine after
 the round), ``refused_*`` (updates refused before the window: a second update of a device, the norm bound),
 ``sampled_malicious``, ``admitted``, ``skipped`` (why the parameters carried over, or None), ``votes_malicious`` /
-``votes_honest`` (members each detector voted against; ``low_trust`` too), ``loss``, ``devices`` (the window's
+``votes_honest`` (members each detector voted against; ``low_trust`` too), ``angle_scale`` (the direction
+thresholds' factor, :func:`processors.detectors.angle_scale`; None without detection), ``loss``, ``devices`` (the window's
 members in arrival order), ``quarantined_now`` / ``released_now`` (devices quarantined by this window / released at
 the start of the round)), with the audit on: ``audit`` (verdict), ``audit_class``, ``audit_seconds``,
 ``attributed_malicious`` / ``attributed_honest`` (quarantined), ``suspected_malicious`` / ``suspected_honest``
@@ -87,7 +88,7 @@ from fedguard.tasks import (DEFAULT_TRAINING, build_model, get_flat_params, load
                             set_flat_params)
 from fedguard.weighting import admitted, sample_weights
 from processors.defence import global_update_sketch
-from processors.detectors import DeviceHistory, updated
+from processors.detectors import DeviceHistory, extended_baseline, updated
 from processors.ensemble import DETECTORS, EnsembleConfig, score_window
 from processors.reputation import Reputation, ReputationParams, expectation, maybe_release, observe
 from processors.validation import finite_norm
@@ -259,6 +260,8 @@ class _Simulation:
         self.reps: dict[int, Reputation] = {}
         self.histories: dict[int, DeviceHistory] = {}
         self.previous_global: np.ndarray | None = None
+        self.angle_baseline: list[float] = []  # the window stage's angle baseline (processors/defence.py)
+        self.angle_scale: float | None = None  # the last judged window's (a round record's ``angle_scale``)
         self.equivocated: set[int] = set()  # this window's (see window())
         self.ids = device_ids(c.num_devices)
         self.compromised: list[int] = []
@@ -373,7 +376,10 @@ class _Simulation:
             reps = [self.reps.get(d, Reputation()) for d in devices]
             verdict = score_window(norms, sketches, [self.histories.get(d) for d in devices], self.previous_global,
                                    np.array([expectation(r) for r in reps]), self.ensemble,
-                                   equivocated=[d in self.equivocated for d in devices])
+                                   equivocated=[d in self.equivocated for d in devices],
+                                   angle_baseline=self.angle_baseline)
+            self.angle_baseline = extended_baseline(self.angle_baseline, verdict.angle_pairs)
+            self.angle_scale = verdict.stats.get("angle_scale")
             outcome = [{"flags": v.flags, "verdict": v.verdict, "weight": v.weight, "evidence": v.evidence}
                        for v in verdict.members]
             for d, rep, out in zip(devices, reps, outcome):
@@ -498,6 +504,7 @@ class _Simulation:
         rejected = {"malicious": 0, "honest": 0}
         count = {"malicious": 0, "honest": 0}
         crafted = {"count": 0, "flagged": 0, "rejected": 0}
+        self.angle_scale = None
         if members:
             outcome, _ = self.judge(members, now)
             kept, skipped = self.aggregate(members, outcome, version)
@@ -534,6 +541,7 @@ class _Simulation:
             "refused_malicious": refused["malicious"], "refused_honest": refused["honest"],
             "sampled_malicious": sampled_bad, "admitted": kept, "skipped": skipped,
             "votes_malicious": votes["malicious"], "votes_honest": votes["honest"],
+            "angle_scale": self.angle_scale,
             "devices": [m.device for m in members], "quarantined_now": sorted(self.events["quarantined"]),
             "released_now": sorted(self.events["released"]),
             **self.audit_record(audit, candidate),

@@ -1,9 +1,9 @@
 """The window stage's defence: the detection ensemble on a closing window, and reputation in Redis.
 
-When a window closes, :meth:`WindowDefence.judge` reads the members' per-device histories and reputations and the
-previous global update's sketch from Redis, runs :func:`processors.ensemble.score_window` (pure), feeds each
-member's *evidence* to the beta reputation (:func:`processors.reputation.observe`, pure), and applies everything in
-one atomic step (:data:`APPLY_WINDOW_LUA`):
+When a window closes, :meth:`WindowDefence.judge` reads the members' per-device histories and reputations, the
+previous global update's sketch and the angle baseline from Redis, runs :func:`processors.ensemble.score_window`
+(pure), feeds each member's *evidence* to the beta reputation (:func:`processors.reputation.observe`, pure), and
+applies everything in one atomic step (:data:`APPLY_WINDOW_LUA`):
 
 * the window's outcome is stored under ``fedguard:window:<window id>`` with SET NX: a window closed again after a
   worker crash (at-least-once delivery) gets the stored outcome back and changes nothing, so reputation is updated
@@ -23,6 +23,7 @@ Redis keys owned here (namespaced by ``Settings.redis_prefix``):
 | ``fedguard:reputation:<id>:history`` | list | newest first, capped at ``HISTORY_LENGTH``: JSON per window (window, verdict, evidence, weight, flags, reasons, scores, trust after) |
 | ``fedguard:detector:history:<id>`` | string | the device's :class:`DeviceHistory` (sum of its sketches) |
 | ``fedguard:detector:<model id>:global_sketch`` | string | sketch of the last global update (weighted mean of the last window's admitted members' sketches) |
+| ``fedguard:detector:<model id>:angle_baseline`` | string | JSON list: the last 500 cosines between two non-rejected members of a window, oldest first (:func:`processors.detectors.angle_scale`) |
 | ``fedguard:quarantined`` | set | devices quarantined by reputation (the release timer scans it) |
 """
 
@@ -42,7 +43,7 @@ from fedguard import registry
 from fedguard import sketch as sketch_codec
 from fedguard.settings import Settings
 from fedguard.weighting import admitted, sample_weights, weighted_mean
-from processors.detectors import DeviceHistory
+from processors.detectors import DeviceHistory, extended_baseline
 from processors.ensemble import EnsembleConfig, json_safe, score_window
 from processors.reputation import Reputation, ReputationParams, expectation, maybe_release, observe
 
@@ -128,6 +129,26 @@ def global_sketch_key(settings: Settings) -> str:
     return settings.redis_key("detector", settings.model_id, "global_sketch")
 
 
+def angle_baseline_key(settings: Settings) -> str:
+    return settings.redis_key("detector", settings.model_id, "angle_baseline")
+
+
+def load_angle_baseline(text: str | bytes | None) -> list[float]:
+    """The stored angle baseline, or ``[]`` (no calibration yet: the measured thresholds, the strictest) when there
+    is none or it is unreadable."""
+    if not text:
+        return []
+    try:
+        values = json.loads(text)
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values):
+            raise ValueError("not a list of numbers")
+        return [float(v) for v in values]
+    except ValueError:  # a damaged entry must not stop the window stage
+        log.error("unreadable angle baseline: starting it afresh (the measured direction thresholds)")
+        return []
+
+
 def window_key(settings: Settings, window_id: str, members: list[dict[str, Any]]) -> str:
     """The judged window's key: its id and a digest of its members' update ids. The same window delivered again
     (same members) finds its judgement; a window of the same id with other members (a model store started afresh
@@ -200,13 +221,15 @@ class WindowDefence:
         for d in devices:
             pipe.get(detector_history_key(s, d))
         pipe.get(global_sketch_key(s))
+        pipe.get(angle_baseline_key(s))
         base = window_id.rsplit(":", 1)[-1]  # window ids are '<model id>:<base version>' (processors/windows.py)
         await self._equivocated(keys=[registry.model_store_key(s)],
                                 args=[s.redis_key("equivocated"), f"{s.model_id}:{base}"], client=pipe)
         replies = await pipe.execute()
         reps = [load_reputation(state) for state in replies[:len(devices)]]
         histories = [self._history(text) for text in replies[len(devices):2 * len(devices)]]
-        previous = self._decode(replies[-2])
+        previous = self._decode(replies[-3])
+        baseline = load_angle_baseline(replies[-2])
         equivocators = {d.decode() if isinstance(d, bytes) else d for d in replies[-1]}
         sketches = np.stack([self._decode(m.get("sketch")) if m.get("sketch") else np.zeros(self.k, np.float32)
                              for m in members]) if members else np.zeros((0, self.k), np.float32)
@@ -219,10 +242,11 @@ class WindowDefence:
             stats: dict[str, Any] = {"detection": "none", "n": len(members)}
         else:
             verdict = score_window(norms, sketches, histories, previous, trust, self.config,
-                                   equivocated=[d in equivocators for d in devices])
+                                   equivocated=[d in equivocators for d in devices], angle_baseline=baseline)
             outcome = [{"scores": v.scores, "flags": v.flags, "verdict": v.verdict, "weight": v.weight,
                         "reasons": v.reasons, "evidence": v.evidence} for v in verdict.members]
             stats = {"detection": "ensemble", **verdict.stats}
+            baseline = extended_baseline(baseline, verdict.angle_pairs)
 
         plan: dict[str, list] = {"hset": [], "set": [], "push": [], "quarantine": [], "sadd": []}
         events: list[dict[str, Any]] = []
@@ -252,6 +276,8 @@ class WindowDefence:
                                     [m["num_samples"] for m in members], s.sample_count_cap)
         if mean is not None:
             plan["set"].append([global_sketch_key(s), sketch_codec.encode(mean.astype(np.float32))])
+        if s.detection != "none":  # written with the window's judgement: once per window, also on re-delivery
+            plan["set"].append([angle_baseline_key(s), json.dumps(baseline)])
         judged = Judged(members=[json_safe(o) for o in outcome], stats=json_safe(stats), events=json_safe(events))
         text = json.dumps({"members": judged.members, "stats": judged.stats, "events": judged.events})
         earlier = await self._apply(keys=[key],

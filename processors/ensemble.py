@@ -23,6 +23,11 @@ false positives from becoming rejections, Aggarwal, "Outlier Ensembles", 2017, c
 verdict without the trust rule, and ``sybil`` for a member of a Sybil group (a reject that
 :func:`processors.reputation.observe` quarantines at once). Thresholds and measured false-positive rates: docs/detection.md.
 
+The direction detector's cosine thresholds were measured on Fashion-MNIST; they are multiplied by
+:func:`processors.detectors.angle_scale` of ``angle_baseline`` (recent cosines between non-rejected members: 1 on
+Fashion-MNIST, up to 3 where honest updates disagree more, e.g. digits; docs/detection.md, "Other tasks and small
+windows"). Each verdict returns its window's ``angle_pairs`` for the caller to extend the baseline with.
+
 Centres (magnitude, direction, distance, history) weigh each distinct member by ``trust ** 2 x alpha``: a fresh
 device (E = 0.5) counts 0.25, one with a clean record (E = 11/12) 0.84, and a member whose history resembles
 another's (FoolsGold alpha 0, from its second round on) counts nothing, so colluders that are a majority of one
@@ -70,6 +75,13 @@ class EnsembleConfig:
     direction_previous_abs: float = -0.5
     direction_strong_cos: float = -0.3
     direction_strong_pairwise: float = -0.2
+    # the direction thresholds above are Fashion-MNIST's; in units of the deployment's own honest angles they are
+    # multiplied by D.angle_scale of the recent cosines between non-rejected members (1 on Fashion-MNIST)
+    angle_calibration: bool = True
+    angle_reference: float = D.ANGLE_REFERENCE
+    angle_quantile: float = D.ANGLE_QUANTILE
+    angle_max_scale: float = D.ANGLE_MAX_SCALE
+    angle_min_pairs: int = D.ANGLE_MIN_PAIRS
     # concentration (similar but not identical members)
     cluster_cos_low: float = D.CLUSTER_COS_LOW
     cluster_min_density: float = 1.5
@@ -123,6 +135,9 @@ class MemberVerdict:
 class WindowVerdict:
     members: list[MemberVerdict]
     stats: dict[str, Any] = field(default_factory=dict)
+    #: cosines between this window's non-rejected members (:func:`processors.detectors.member_cosines`): the caller
+    #: appends them to the baseline it passes as ``angle_baseline`` to the next window (not part of ``to_dict``)
+    angle_pairs: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"members": [asdict(m) for m in self.members], "stats": self.stats}
@@ -154,7 +169,8 @@ def json_safe(obj: Any) -> Any:
 def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[DeviceHistory | None],
                  previous_global: np.ndarray | None, trust: np.ndarray,
                  config: EnsembleConfig = EnsembleConfig(),
-                 equivocated: Sequence[bool] | None = None) -> WindowVerdict:
+                 equivocated: Sequence[bool] | None = None,
+                 angle_baseline: Sequence[float] | None = None) -> WindowVerdict:
     """Score one window. ``norms`` ``(n,)`` exact L2 norms; ``sketches`` ``(n, k)``; ``histories`` one per member,
     the device's :class:`DeviceHistory` *before* this window (``None`` = never seen); ``previous_global`` the sketch
     ``(k,)`` of the last global update or ``None``; ``trust`` ``(n,)`` in [0, 1] (reputation expectation);
@@ -162,6 +178,9 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
     version (admission refused it as ``window_duplicate``). An honest device sends one update per base version, so
     such a member is rejected whatever the detectors say (a strong signal, evidence ``reject``) and is left out of
     every centre: copies sent to fill a window (window stuffing, a flood) cost the device its seat.
+    ``angle_baseline``: the recent cosines between non-rejected members of past windows (oldest first; the caller
+    keeps them, extending them with each verdict's ``angle_pairs``); the direction detector's thresholds are
+    multiplied by :func:`processors.detectors.angle_scale` of it (``None``: scale 1, the measured thresholds).
     Raises ``ValueError`` on inconsistent shapes or non-finite input."""
     x = np.asarray(norms, dtype=np.float64).reshape(-1)
     n = x.size
@@ -184,6 +203,8 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
     on = cfg.enabled
     labels = D.sybil_groups(s, x, cfg.sybil_cos)
     k = s.shape[1]
+    scale = D.angle_scale(angle_baseline, cfg.angle_reference, cfg.angle_quantile, cfg.angle_max_scale,
+                          cfg.angle_min_pairs) if cfg.angle_calibration else 1.0
     hist_now = [D.updated(h, s[i]) for i, h in enumerate(histories)]
 
     scores: list[dict[str, float | None]] = [{"norm": _f(x[i]), "trust": _f(t[i])} for i in range(n)]
@@ -191,7 +212,7 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
     strong: list[list[str]] = [[] for _ in range(n)]
     reasons: list[list[str]] = [[] for _ in range(n)]
     stats: dict[str, Any] = {"n": n, "distinct": int(np.unique(labels).size), "median_norm": float(np.median(x)),
-                             "k": k, "detectors": {}}
+                             "k": k, "detectors": {}, "angle_scale": scale}
 
     # FoolsGold first: its alpha (memory across rounds) also weights every centre below, so that colluders whose
     # histories resemble each other cannot outvote the honest members even when they are a majority of the window
@@ -264,11 +285,14 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
                 reasons[i].append(f"magnitude: norm {x[i]:.4g} is {ratio:.3g}x the window's centre {centre:.4g} "
                                   f"(z {res.scores[i]:.3g} > {cfg.magnitude_z})")
     if "direction" in on:
+        wide = D.scaled_threshold  # the deployment's angles (scale 1: exactly the measured thresholds)
         res = D.direction(s, previous_global, labels=labels, trust=ct, z_threshold=cfg.direction_z,
-                          floor_abs=cfg.direction_floor, cos_abs=cfg.direction_cos_abs,
-                          pairwise_abs=cfg.direction_pairwise_abs, core_min=cfg.direction_core_min,
-                          previous_abs=cfg.direction_previous_abs, strong_cos=cfg.direction_strong_cos,
-                          strong_pairwise=cfg.direction_strong_pairwise)
+                          floor_abs=cfg.direction_floor * scale, cos_abs=wide(cfg.direction_cos_abs, scale),
+                          pairwise_abs=wide(cfg.direction_pairwise_abs, scale),
+                          core_min=wide(cfg.direction_core_min, scale),
+                          previous_abs=wide(cfg.direction_previous_abs, scale),
+                          strong_cos=wide(cfg.direction_strong_cos, scale),
+                          strong_pairwise=wide(cfg.direction_strong_pairwise, scale))
         record("direction", res)
         for i in range(n):
             scores[i]["cos_centre"] = _f(res.scores[i])
@@ -336,4 +360,5 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
             evidence = "reject" if verdict == "reject" else ("downweight" if vote_count else "accept")
         members.append(MemberVerdict(scores[i], flags, verdict, weight, reasons[i], evidence))
     stats["verdicts"] = {v: sum(m.verdict == v for m in members) for v in ("accept", "downweight", "reject")}
-    return WindowVerdict(members, json_safe(stats))
+    pairs = D.member_cosines(s, np.array([m.verdict != "reject" for m in members]), labels)
+    return WindowVerdict(members, json_safe(stats), pairs)

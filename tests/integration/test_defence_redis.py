@@ -119,3 +119,50 @@ def test_a_member_whose_device_equivocated_is_rejected_and_only_in_its_own_store
     assert '"equivocation"' in history[0]
     for key in sync.scan_iter(f"{settings.redis_prefix}:*"):
         sync.delete(key)
+
+
+def anti_members(tag: str, seed: int, rho: float = -0.15) -> list[dict]:
+    """Three honest-looking members whose sketches have pairwise cosine ``rho`` (the synthetic and digits tasks'
+    honest spread): below the measured pairwise threshold of -0.1, so uncalibrated they are all voted against."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(K, 3)))
+    x = (q @ np.linalg.cholesky(np.full((3, 3), rho) + (1 - rho) * np.eye(3)).T).T.astype(np.float32)
+    return [{"update_id": f"{tag}-{i}", "device_id": f"dev-{seed % 4 * 3 + i:04d}", "num_samples": 100,
+             "norm": float(np.linalg.norm(v)), "sketch": sketch_codec.encode(v)} for i, v in enumerate(x)]
+
+
+def test_the_angle_baseline_grows_once_per_window_and_calibrates_the_next_windows(redis_url):
+    """Each judged window adds its non-rejected members' cosines to the stored baseline exactly once (a re-delivered
+    window adds nothing); once the baseline holds ANGLE_MIN_PAIRS cosines, windows of honest members whose angles
+    are wider than Fashion-MNIST's are accepted instead of voted against."""
+    from processors.defence import angle_baseline_key, load_angle_baseline
+    from processors.detectors import ANGLE_MIN_PAIRS, ANGLE_REFERENCE
+
+    settings = Settings(redis_url=redis_url, redis_prefix=f"fgd-{uuid.uuid4().hex[:8]}", detector_sketch_k=K)
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    windows = ANGLE_MIN_PAIRS // 3
+
+    async def scenario():
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            defence = WindowDefence(settings, client)
+            judged = [await defence.judge(f"m:{v}", anti_members(f"w{v}", v)) for v in range(windows)]
+            again = await defence.judge("m:3", anti_members("w3", 3))  # re-delivered
+            after = await defence.judge(f"m:{windows}", anti_members("next", windows))
+            return judged, again, after
+        finally:
+            await client.aclose()
+
+    judged, again, after = asyncio.run(scenario())
+    assert all(j.stats["angle_scale"] == 1.0 for j in judged)
+    assert all(m["verdict"] == "downweight" and "direction" in m["flags"] for m in judged[0].members)
+    assert again.replayed
+    baseline = load_angle_baseline(sync.get(angle_baseline_key(settings)))
+    assert len(baseline) == 3 * windows + 3  # the windows and the one after; nothing from the re-delivery
+    assert baseline[:3 * windows] == pytest.approx([-0.15] * (3 * windows), abs=1e-5)
+    assert after.stats["angle_scale"] == pytest.approx(0.15 / ANGLE_REFERENCE, abs=1e-3)
+    assert [m["verdict"] for m in after.members] == ["accept"] * 3
+    sync.set(angle_baseline_key(settings), "not json")  # a damaged entry: the measured thresholds, no crash
+    assert load_angle_baseline(sync.get(angle_baseline_key(settings))) == []
+    for key in sync.scan_iter(f"{settings.redis_prefix}:*"):
+        sync.delete(key)
