@@ -233,8 +233,8 @@ def load_task(name: str, *, data_dir: str | os.PathLike | None = None, seed: int
         log.warning(
             "Fashion-MNIST not found (missing %s); falling back to the 'digits' task. Install it with "
             "`apt-get install dataset-fashion-mnist` (files go to %s) or point %s / data_dir at a directory "
-            "holding %s. The detection thresholds were measured on Fashion-MNIST: on digits they flag about 16%% "
-            "of honest updates and quarantine honest devices (bench/results/window_size.md).",
+            "holding %s. The detection thresholds were measured on Fashion-MNIST: on digits they flag about 9%% "
+            "of honest updates and quarantine some honest devices (bench/results/window_size.md).",
             ", ".join(missing),
             DEFAULT_FASHION_MNIST_DIR,
             FASHION_MNIST_ENV,
