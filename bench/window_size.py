@@ -88,11 +88,11 @@ def run_one(job: tuple[str, int, int, int, int]) -> dict[str, Any]:
         thirds.append(sum(r["flagged_honest"] for r in sub) / honest if honest else None)
     quarantined = [(r["round"], d) for r in rs for d in (r.get("quarantined_now") or [])]
     tests = np.array(samples["tests"], dtype=bool).reshape(-1, 4)
-    honest = sum(r["honest"] for r in rs)
+    det = res["detection"]  # fedguard.simulation.detection_rates over every round (no attack)
     return {
         "task": task, "devices": devices, "per_round": per_round, "rounds": rounds, "seed": seed,
-        "honest": honest, "flagged": sum(r["flagged_honest"] for r in rs),
-        "rejected": sum(r["rejected_honest"] for r in rs), "votes": dict(votes),
+        "honest": det["honest"], "flagged": det["flagged_honest"], "rejected": det["rejected_honest"],
+        "votes": dict(votes),
         "direction_tests": dict(zip(("pairwise", "centre", "z", "reversal"), tests.sum(axis=0).tolist())),
         "direction_scored": int(tests.shape[0]),
         "pairwise_q": [float(np.quantile(samples["pairwise"], q)) for q in QUANTILES] if samples["pairwise"] else [],

@@ -261,7 +261,6 @@ class _Simulation:
         self.histories: dict[int, DeviceHistory] = {}
         self.previous_global: np.ndarray | None = None
         self.angle_baseline: list[float] = []  # the window stage's angle baseline (processors/defence.py)
-        self.angle_scale: float | None = None  # the last judged window's (a round record's ``angle_scale``)
         self.equivocated: set[int] = set()  # this window's (see window())
         self.ids = device_ids(c.num_devices)
         self.compromised: list[int] = []
@@ -365,11 +364,13 @@ class _Simulation:
         return members, refused
 
     # -- the window stage ------------------------------------------------------------------------------------
-    def judge(self, members: list[_Member], now: float) -> tuple[list[dict[str, Any]], np.ndarray]:
-        """``WindowDefence.judge`` without Redis: verdicts, reputation, histories, the global sketch."""
+    def judge(self, members: list[_Member], now: float) -> tuple[list[dict[str, Any]], float | None]:
+        """``WindowDefence.judge`` without Redis: verdicts, reputation, histories, the global sketch and the angle
+        baseline. Returns the members' outcomes and the window's angle scale (None without detection)."""
         sketches = sketch_rows(np.stack([m.delta for m in members]).astype(np.float32), self.spec_sketch)
         norms = np.array([m.norm for m in members])
         devices = [m.device for m in members]
+        angle_scale = None
         if self.c.detection == "none":
             outcome = [{"flags": [], "verdict": "accept", "weight": 1.0, "evidence": "accept"} for _ in members]
         else:
@@ -379,7 +380,7 @@ class _Simulation:
                                    equivocated=[d in self.equivocated for d in devices],
                                    angle_baseline=self.angle_baseline)
             self.angle_baseline = extended_baseline(self.angle_baseline, verdict.angle_pairs)
-            self.angle_scale = verdict.stats.get("angle_scale")
+            angle_scale = verdict.stats["angle_scale"]
             outcome = [{"flags": v.flags, "verdict": v.verdict, "weight": v.weight, "evidence": v.evidence}
                        for v in verdict.members]
             for d, rep, out in zip(devices, reps, outcome):
@@ -392,7 +393,7 @@ class _Simulation:
                                     [m.num_samples for m in members], self.c.sample_count_cap)
         if mean is not None:
             self.previous_global = mean.astype(np.float32)  # stored as float32 (sketch codec) in the live stage
-        return outcome, sketches
+        return outcome, angle_scale
 
     # -- the aggregator --------------------------------------------------------------------------------------
     def aggregate(self, members: list[_Member], outcome: list[dict[str, Any]], version: int) -> tuple[int, str | None]:
@@ -504,9 +505,9 @@ class _Simulation:
         rejected = {"malicious": 0, "honest": 0}
         count = {"malicious": 0, "honest": 0}
         crafted = {"count": 0, "flagged": 0, "rejected": 0}
-        self.angle_scale = None
+        angle_scale = None
         if members:
-            outcome, _ = self.judge(members, now)
+            outcome, angle_scale = self.judge(members, now)
             kept, skipped = self.aggregate(members, outcome, version)
             candidate = self.params
             for m, o in zip(members, outcome):
@@ -541,7 +542,7 @@ class _Simulation:
             "refused_malicious": refused["malicious"], "refused_honest": refused["honest"],
             "sampled_malicious": sampled_bad, "admitted": kept, "skipped": skipped,
             "votes_malicious": votes["malicious"], "votes_honest": votes["honest"],
-            "angle_scale": self.angle_scale,
+            "angle_scale": angle_scale,
             "devices": [m.device for m in members], "quarantined_now": sorted(self.events["quarantined"]),
             "released_now": sorted(self.events["released"]),
             **self.audit_record(audit, candidate),
