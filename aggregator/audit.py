@@ -99,6 +99,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedguard.tasks.server_data import select_audit_set
+
 __all__ = ["AttributionResult", "AuditConfig", "AuditResult", "ReversedTrigger", "ScreenResult", "anomaly_index",
            "attribute", "audit_model", "median_reference", "screen_members", "select_audit_set"]
 
@@ -276,26 +278,6 @@ def anomaly_index(values: np.ndarray, mad_floor: float = 0.0) -> np.ndarray:
     out[v < med] = np.inf
     out[v > med] = -np.inf
     return out
-
-
-def select_audit_set(x: np.ndarray, y: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Indices of a class-balanced sample of ``size`` rows of ``(x, y)`` (round-robin over classes in a seeded
-    random order, so any prefix is balanced too: the audit uses the first ``audit_size`` rows). Deterministic given
-    ``seed``; ``ValueError`` if ``size`` exceeds the rows."""
-    y = np.asarray(y)
-    if y.ndim != 1 or np.asarray(x).shape[0] != y.shape[0]:
-        raise ValueError("x and y must have the same number of rows, y 1-D")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= y.shape[0]:
-        raise ValueError(f"size must be an integer in [1, {y.shape[0]}], got {size!r}")
-    rng = np.random.default_rng([int(seed), 0xA0D17])
-    pools = [rng.permutation(np.flatnonzero(y == c)).tolist() for c in np.unique(y)]
-    order = rng.permutation(len(pools))
-    out: list[int] = []
-    while len(out) < size:
-        for c in order:
-            if pools[c] and len(out) < size:
-                out.append(pools[c].pop())
-    return np.asarray(out, dtype=np.int64)
 
 
 class _Adam:

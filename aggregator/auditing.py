@@ -3,7 +3,8 @@
 Thin service logic over :mod:`aggregator.audit` (the maths, its citations and its measurements: docs/audit.md):
 
 * the server's audit set: ``AUDIT_SET_SIZE`` class-balanced images of the task's *training* set
-  (:func:`aggregator.audit.select_audit_set`, seeded by ``Settings.seed``), the server's clean root set;
+  (:func:`fedguard.tasks.server_data.select_audit_set`, seeded by ``Settings.seed``), the server's clean root set
+  (the validator measures each update's loss on the same rows: the ``behaviour`` detector);
 * the differential reference: the per-class median of the Neural Cleanse norms of the last
   ``audit_reference_versions`` *served* versions whose audit was clean (or a warm-up audit), read from the stored
   versions' metadata (:func:`served_audits`, :func:`reference_norms`), so it survives a restart;
@@ -59,6 +60,7 @@ from aggregator.audit import (AuditConfig, ReversedTrigger, ScreenResult, attrib
 from fedguard.tasks import (DEFAULT_TRAINING, ModelSpec, TaskData, build_model, get_flat_params, local_train,
                             set_flat_params)
 from fedguard.tasks.backdoor import IMAGE_SIDES
+from fedguard.tasks.server_data import SERVER_SET_SIZE
 
 __all__ = ["AUDIT_SET_SIZE", "CLEAN", "FLAGGED", "LOOKBACK_WINDOWS", "REMEMBERED_TRIGGERS", "SKIPPED", "AuditOutcome",
            "Auditor", "PastWindow", "carried_over", "reference_norms", "served_audits", "skip_reason", "unconfirmed"]
@@ -67,7 +69,7 @@ CLEAN, FLAGGED, SKIPPED = "clean", "flagged", "skipped"
 VERDICTS = (CLEAN, FLAGGED, SKIPPED)
 #: clean training images the server holds for the audit (the first AuditConfig.audit_size drive the reverse
 #: engineering, all of them the attribution; docs/audit.md)
-AUDIT_SET_SIZE = 256
+AUDIT_SET_SIZE = SERVER_SET_SIZE
 WARMUP_WHY = ("warm-up: the first FEDGUARD_AUDIT_WARMUP_VERSIONS audited versions are not judged (an undertrained "
               "model's trigger norms are not meaningful); their norms start the differential reference")
 #: a member flagged for its attack-success lift alone must beat the server's lift by this much (attribute()'s own

@@ -117,7 +117,17 @@ def measure_cost(repeats: int, n: int = 100, d: int = 1_000_000, k: int = 1024) 
         histories.append(h)
     previous = rng.standard_normal(k).astype(np.float32)
     trust = rng.uniform(0.5, 0.95, n)
-    times: dict[str, list[float]] = {"norms": [], "sketch": [], "judge": []}
+    # the validator's loss probe on a model of about d parameters (MLP 784-h-10, h chosen so), 256 server rows
+    from fedguard.tasks import ModelSpec, build_model, get_flat_params
+    from fedguard.tasks.server_data import SERVER_SET_SIZE, LossProbe
+    hidden = max(1, round((d - 10) / (784 + 1 + 10)))
+    model = build_model(ModelSpec("cost", 784, 10, (hidden,)))
+    base = get_flat_params(model)
+    probe = LossProbe(model, rng.standard_normal((SERVER_SET_SIZE, 784)).astype(np.float32),
+                      rng.integers(0, 10, SERVER_SET_SIZE), lambda version: base)
+    probe_updates = (rng.standard_normal((n, base.size), dtype=np.float32) * 1e-3)
+    probe(0, probe_updates[0])  # the base version's loss: once per version
+    times: dict[str, list[float]] = {"norms": [], "sketch": [], "loss": [], "judge": []}
     for _ in range(repeats):
         t = time.perf_counter()
         norms = np.array([finite_norm(u, 1e4) for u in updates])
@@ -126,14 +136,18 @@ def measure_cost(repeats: int, n: int = 100, d: int = 1_000_000, k: int = 1024) 
         sketches = sketch_rows(updates, spec)
         times["sketch"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        verdict = score_window(norms, sketches, histories, previous, trust)
+        losses = [probe(0, u)[0] for u in probe_updates]
+        times["loss"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        verdict = score_window(norms, sketches, histories, previous, trust, losses=losses)
         for i, m in enumerate(verdict.members):
             observe(Reputation(), m.evidence, 0.0)
             updated(histories[i], sketches[i])
         times["judge"].append(time.perf_counter() - t)
     med = {key: statistics.median(v) for key, v in times.items()}
     return {"n": n, "d": d, "k": k, "repeats": repeats, "hash_once_s": hash_s, "median_s": med,
-            "all_s": times, "total_median_s": med["sketch"] + med["judge"]}
+            "all_s": times, "total_median_s": med["sketch"] + med["loss"] + med["judge"],
+            "loss_params": int(base.size), "loss_rows": SERVER_SET_SIZE}
 
 
 def crafted(a: dict[str, Any]) -> str:
@@ -305,8 +319,10 @@ def render(report: dict[str, Any]) -> str:
         "| step | where it runs live | median s |", "|---|---|---:|",
         f"| exact L2 norms of the 100 updates | validator, per update | {m['norms']:.3f} |",
         f"| CountSketch of the 100 updates | validator, per update | {m['sketch']:.3f} |",
+        *([f"| loss on the server's {c.get('loss_rows', 256)} rows after each of the 100 updates (MLP of "
+           f"{c.get('loss_params', 0):,} parameters) | validator, per update | {m['loss']:.3f} |"] if "loss" in m else []),
         f"| `score_window` + reputation + history updates | window stage, once per window | {m['judge']:.3f} |",
-        f"| **sketching + judging (the detection cost)** | | **{c['total_median_s']:.3f}** |",
+        f"| **sketching + loss + judging (the detection cost)** | | **{c['total_median_s']:.3f}** |",
         f"| the sketch hash for d = 1M (once per process and seed) | validator start-up | {c['hash_once_s']:.3f} |",
         "", "## Targets (issue 9)", "",
         "| target | measured | met |", "|---|---|---|",
@@ -437,9 +453,12 @@ def notes(report: dict[str, Any]) -> list[str]:
     out.append("Targets not met: " + ("; ".join(missed) if missed else "none") + ".")
     if "clean" in s:
         c = s["clean"]
-        out.append(f"Clean windows: every honest member flagged was flagged by the size family (magnitude "
-                   f"{pct(c['votes_fp']['magnitude'], 2)}, distance {pct(c['votes_fp']['distance'], 2)}: honest norm "
-                   f"spikes); {c['rejected_honest']} of {c['honest']} honest members rejected.")
+        voters = [d for d, r in c["votes_fp"].items() if r > 0]
+        out.append("Clean windows: the honest members flagged were voted against by "
+                   + (", ".join(f"{d} ({pct(c['votes_fp'][d], 2)})" for d in voters) or "no detector")
+                   + " (the size family: honest norm spikes; behaviour: an honest update whose loss on the server's "
+                     f"clean rows is above 2.5x the window's median member); {c['rejected_honest']} of {c['honest']} "
+                     "honest members rejected.")
         quarantined = {k: v["honest_devices_quarantined"] for k, v in s.items() if v["honest_devices_quarantined"]}
         out.append("Honest devices quarantined: " + (
             "none in any run of this benchmark." if not quarantined else
@@ -451,7 +470,7 @@ def notes(report: dict[str, Any]) -> list[str]:
         out.append(f"window_stuffing: every copy after a device's first was refused before the window "
                    f"({a['refused_malicious']} updates, `window_duplicate`), so a stuffer holds one seat; the seat is "
                    f"the base attack's update (default `backdoor`: plain backdoor training at the honest scale, the "
-                   f"same blind spot as constrain_and_scale and badnets below), and the copies are equivocation: "
+                   f"same blind spot as badnets below), and the copies are equivocation: "
                    f"{pct(a['votes_tp'].get('equivocation', 0.0))} of the seats were rejected for it "
                    f"({pct(a['tp_reject'])} rejected in all; {a['attackers_quarantined_at_end']} of "
                    f"{a['compromised_devices_seen']} stuffers quarantined by "
@@ -467,17 +486,20 @@ def notes(report: dict[str, Any]) -> list[str]:
             b = s[evasive]
             line += (f" Trained with constrain-and-scale's anomaly-evasion loss instead ({evasive}), its delta is "
                      f"small: with k >= 2 each colluder's share was about 2x the honest norms in the windows "
-                     f"inspected, under the magnitude cut (3.08x the centre; docs/detection.md), so "
-                     f"{pct(b['tp'])} flagged, {pct(b['tp_reject'])} rejected, max backdoor "
-                     f"{pct(b['max_backdoor_accuracy'])}: not detectable per window, like constrain_and_scale.")
+                     f"inspected, under the magnitude cut (3.08x the centre; docs/detection.md; magnitude votes "
+                     f"{pct(b['votes_tp']['magnitude'], 0)}), but what it does to the model on clean data is not "
+                     f"(behaviour votes {pct(b['votes_tp'].get('behaviour', 0.0), 0)}): {pct(b['tp'])} flagged, "
+                     f"{pct(b['tp_reject'])} rejected, max backdoor {pct(b['max_backdoor_accuracy'])}.")
         out.append(line)
     if "sign_flip" in s:
         a = s["sign_flip"]
         out.append(f"sign_flip (default scale 4): flagged {pct(a['tp'])}, rejected {pct(a['tp_reject'])}. A flipped "
                    f"non-IID update is nearly orthogonal to the others anyway (direction votes "
-                   f"{pct(a['votes_tp']['direction'], 0)}); only its size gives it away, and 4x a small honest norm is "
-                   f"an ordinary norm (magnitude votes {pct(a['votes_tp']['magnitude'], 0)}, reject needs 5x the "
-                   f"centre). Final main accuracy {statistics.mean(a['final_main_accuracy']):.4f} at round "
+                   f"{pct(a['votes_tp']['direction'], 0)}), and 4x a small honest norm is an ordinary norm (magnitude "
+                   f"votes {pct(a['votes_tp']['magnitude'], 0)}, reject needs 5x the centre); what it does to the model "
+                   f"is not ordinary: applied alone it takes the loss on the server's clean rows far above the "
+                   f"window's median member (behaviour votes {pct(a['votes_tp'].get('behaviour', 0.0), 0)}). "
+                   f"Final main accuracy {statistics.mean(a['final_main_accuracy']):.4f} at round "
                    f"{a['rounds'][0]}, clean runs at that round {clean_at(report, a['rounds'][0], a['seeds'])}.")
     if all(k in s for k in ("alie", "min_max", "min_sum")):
         out.append(f"alie / min_max / min_sum with partial knowledge: the colluders of a window send one identical "
@@ -491,16 +513,31 @@ def notes(report: dict[str, Any]) -> list[str]:
                    f"({pct(get('slow_drift', 'tp'))} flagged); no attacker was quarantined, and the backdoor grows "
                    "slowly: " + "; ".join(f"seed {x['seed']}: > 10 % at round {x['first_backdoor_above_10pct'] or 'never'}, "
                                          f"max {pct(x['max_backdoor_accuracy'])}" for x in d) + ".")
-    hidden = [k for k in ("constrain_and_scale", "badnets") if k in s]
+    trained = [k for k in ("constrain_and_scale", "badnets") if k in s]
+    seen = [k for k in trained if s[k]["tp"] >= 0.5]
+    hidden = [k for k in trained if s[k]["tp"] < 0.5]
+    if seen:
+        out.append("Backdoors trained, not crafted, at the honest norm and direction, that the update's effect on "
+                   "clean data still gives away: " + "; ".join(
+                       f"{k} flagged {pct(s[k]['tp'])} (behaviour votes {pct(s[k]['votes_tp'].get('behaviour', 0.0), 0)}"
+                       f"), max backdoor {pct(s[k]['max_backdoor_accuracy'])}" for k in seen)
+                   + ". The anomaly-evasion loss keeps constrain_and_scale's trained delta small, and the library's "
+                     "attack then scales it *up* to the median honest norm (by 1.7-2.9x, measured in rounds 5-9 of "
+                     "seed 0): that amplified step along the backdoor, applied alone, raises the loss on balanced "
+                     "clean data far more than an honest non-IID update does. The same training sent at its own norm "
+                     "(window_stuffing's seat) drew no behaviour vote, and badnets, a few poisoned samples in honest "
+                     "training, is not seen either: an attacker that does not amplify trades backdoor strength per "
+                     "round for stealth.")
     if hidden:
-        out.append("Not detectable per window by design (THREATS.md): " + "; ".join(
+        out.append("Not detectable per window (THREATS.md): " + "; ".join(
             f"{k} flagged {pct(s[k]['tp'])}, max backdoor {pct(s[k]['max_backdoor_accuracy'])}" for k in hidden)
-            + ". These updates are trained, not crafted, and sit at the honest norm and direction; what can see them "
-              "is an audit of the model (issue 14), not of the updates.")
+            + ". These updates are honest training on a shard with a few triggered samples: norm, direction and "
+              "their loss on clean data are an honest member's; what can see them is an audit of the model "
+              "(issue 14), not of the updates.")
     c = report["cost"]
-    out.append(f"Cost: {c['total_median_s']:.2f} s per window of 100 x 1M (sketching {c['median_s']['sketch']:.2f} s, "
-               f"spread over the arrivals in the validator; judging {c['median_s']['judge']:.2f} s at the close), "
-               "one thread.")
+    out.append(f"Cost: {c['total_median_s']:.2f} s per window of 100 x 1M (sketching {c['median_s']['sketch']:.2f} s "
+               f"and the loss probe {c['median_s'].get('loss', 0.0):.2f} s, spread over the arrivals in the "
+               f"validator; judging {c['median_s']['judge']:.2f} s at the close), one thread.")
     return [n for n in out if n]
 
 

@@ -75,6 +75,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from aggregator.auditing import (FLAGGED, LOOKBACK_WINDOWS, AuditOutcome, Auditor, PastWindow, carried_over,
                                  reference_norms, unconfirmed)
@@ -84,6 +85,7 @@ from aggregator.rules import PreconditionError
 from fedguard.reasons import RejectError
 from fedguard.settings import AUDIT_MODES, Settings
 from fedguard.sketch import SketchSpec, sketch_rows
+from fedguard.tasks.server_data import loss_after, server_set
 from fedguard.tasks import (DEFAULT_TRAINING, build_model, get_flat_params, load_task, local_train, model_spec,
                             set_flat_params)
 from fedguard.weighting import admitted, sample_weights
@@ -256,6 +258,10 @@ class _Simulation:
         self.evaluator = Evaluator(self.task, build_model(self.spec), parse_backdoors(c.backdoor_eval, self.task))
         self.spec_sketch = SketchSpec(self.spec.num_params, c.sketch_k, sketch_seed(c.seed))
         self.ensemble = EnsembleConfig()
+        # what the validator's loss probe measures (processors/app.py, fedguard/tasks/server_data.py): the same rows
+        server_x, server_y = server_set(self.task, c.seed)
+        self.server_rows = torch.as_tensor(server_x, dtype=torch.float32), torch.as_tensor(server_y)
+        self.probe_model = build_model(self.spec)
         self.rep_params = ReputationParams(probation_s=c.probation_s)
         self.reps: dict[int, Reputation] = {}
         self.histories: dict[int, DeviceHistory] = {}
@@ -375,10 +381,13 @@ class _Simulation:
             outcome = [{"flags": [], "verdict": "accept", "weight": 1.0, "evidence": "accept"} for _ in members]
         else:
             reps = [self.reps.get(d, Reputation()) for d in devices]
+            base_loss = loss_after(self.probe_model, self.params, *self.server_rows)
+            losses = [loss_after(self.probe_model, self.params + m.delta, *self.server_rows) for m in members]
             verdict = score_window(norms, sketches, [self.histories.get(d) for d in devices], self.previous_global,
                                    np.array([expectation(r) for r in reps]), self.ensemble,
                                    equivocated=[d in self.equivocated for d in devices],
-                                   angle_baseline=self.angle_baseline)
+                                   angle_baseline=self.angle_baseline,
+                                   losses=losses, base_loss=base_loss)
             self.angle_baseline = extended_baseline(self.angle_baseline, verdict.angle_pairs)
             angle_scale = verdict.stats["angle_scale"]
             outcome = [{"flags": v.flags, "verdict": v.verdict, "weight": v.weight, "evidence": v.evidence}

@@ -54,7 +54,9 @@ from fedguard.envelope import parse
 from fedguard.reasons import Reason, RejectError
 from fedguard.settings import Settings
 from fedguard.sketch import SketchSpec, sketch
-from fedguard.tasks import load_task, model_spec
+from fedguard.modelstore import ModelStore
+from fedguard.tasks import ModelSpec, TaskData, build_model, configure_torch, load_task, model_spec
+from fedguard.tasks.server_data import LossProbe, server_set
 from fedguard.updatestore import UpdateStore
 from processors.validation import CHECKS, ValidUpdate, Validator, byte_bounded
 from processors import windows as W
@@ -249,14 +251,19 @@ def valid_meta(update: ValidUpdate, position: dict, tensor_ref: str) -> dict:
             "checks": list(CHECKS)}
 
 
-def index_record(update: ValidUpdate, position: dict, valid: dict, tensor_ref: str, sketch_spec: SketchSpec) -> dict:
+def index_record(update: ValidUpdate, position: dict, valid: dict, tensor_ref: str, sketch_spec: SketchSpec,
+                 probe: LossProbe | None = None) -> dict:
     """The ``fl.updates.valid.index`` record of ``update``, once the broker holds it at ``valid`` (``partition`` and
-    ``offset`` on the valid topic): what the window stage needs, with the update's secret sketch and where its tensor
-    is (``tensor_ref``, which the window record passes on to the aggregator)."""
+    ``offset`` on the valid topic): what the window stage needs, with the update's secret sketch, where its tensor
+    is (``tensor_ref``, which the window record passes on to the aggregator) and, given the ``probe``, its
+    ``loss`` on the server's clean rows applied alone to its base version, with the base's own ``base_loss``
+    (the ``behaviour`` detector's input; ``None`` when the base version's weights cannot be read)."""
     h = update.header
+    measured = probe(h.base_version, update.tensor) if probe is not None else None
     return {"update_id": h.update_id, "device_id": h.device_id, "base_version": h.base_version,
             "num_samples": h.num_samples, "norm": update.norm, "raw": position, "tensor": tensor_ref,
-            "sketch": sketch_codec.encode(sketch(update.tensor, sketch_spec)), "valid": valid}
+            "sketch": sketch_codec.encode(sketch(update.tensor, sketch_spec)), "valid": valid,
+            "loss": None if measured is None else measured[0], "base_loss": None if measured is None else measured[1]}
 
 
 # A full or failing disk is an outage, not the record's fault: the stage waits for the store instead of rejecting.
@@ -293,8 +300,8 @@ async def store_tensors(store: UpdateStore, outcomes: list) -> list[str | None]:
 @dataclass(frozen=True)
 class ValidationOutputs:
     """Where the validation stage writes: topics (anything with Faust's ``async send(key=, value=, force=)``, whose
-    result awaits the broker's acknowledgement), the sketch the index carries and the update store the tensors go
-    to."""
+    result awaits the broker's acknowledgement), the sketch the index carries, the update store the tensors go
+    to, and the loss probe that measures each update on the server's clean rows (``None``: not measured)."""
 
     valid: Any
     rejected: Any
@@ -302,6 +309,7 @@ class ValidationOutputs:
     events: Any
     sketch_spec: SketchSpec
     store: UpdateStore
+    probe: LossProbe | None = None
 
 
 async def dead_letter(out: ValidationOutputs, event, err: RejectError) -> None:
@@ -345,7 +353,8 @@ async def index_accepted(out: ValidationOutputs, accepted: list[Accepted]) -> No
     for outcome, position, ref, pending in accepted:
         sent = await pending
         indexed.append(await out.index.send(key=outcome.header.model_id.encode(), value=records.dumps(index_record(
-            outcome, position, {"partition": sent.partition, "offset": sent.offset}, ref, out.sketch_spec)),
+            outcome, position, {"partition": sent.partition, "offset": sent.offset}, ref, out.sketch_spec,
+            out.probe)),
             force=True))
     for pending in indexed:
         await pending
@@ -574,8 +583,18 @@ class WindowStage:
 
 
 # -- the app ----------------------------------------------------------------------------------------------------------
+def loss_probe(settings: Settings, task: TaskData, spec: ModelSpec) -> LossProbe:
+    """The validator's :class:`LossProbe`: the server's clean rows of ``task`` (the model audit's), the base
+    versions' weights from the model store the aggregator writes (fedguard/modelstore.py)."""
+    configure_torch()  # one thread: the validator shares the machine with the other services
+    store = ModelStore(settings.models_dir)
+    x, y = server_set(task, settings.seed)
+    return LossProbe(build_model(spec), x, y, lambda version: store.load(version).params)
+
+
 def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
-    spec = model_spec(load_task(settings.task, seed=settings.seed), settings.hidden_widths())  # the task actually available
+    task = load_task(settings.task, seed=settings.seed)
+    spec = model_spec(task, settings.hidden_widths())  # the task actually available
     # The secret sketch the window stage detects on (fedguard/sketch.py): one seed per deployment, in Redis.
     sketch_spec = SketchSpec(spec.num_params, settings.detector_sketch_k,
                              registry.sketch_seed(registry.connect(settings), settings))
@@ -607,7 +626,8 @@ def create_app(settings: Settings, *, web_port: int | None = None) -> faust.App:
         for name in (t.raw, t.valid, t.rejected, t.valid_index, t.windows, t.events))
     window_table = app.Table("windows", default=None, use_partitioner=True, partitions=settings.partitions)
     outputs = ValidationOutputs(valid_topic, rejected_topic, index_topic, events_topic, sketch_spec,
-                                UpdateStore(settings.update_store_dir, settings.update_store_spare_bytes))
+                                UpdateStore(settings.update_store_dir, settings.update_store_spare_bytes),
+                                loss_probe(settings, task, spec))
     stage = WindowStage(settings, windows_topic, events_topic)
 
     @app.agent(raw_topic)

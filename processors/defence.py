@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -171,6 +172,15 @@ def load_reputation(state: str | None) -> Reputation:
         return Reputation()
 
 
+def measured_loss(value: Any) -> float | None:
+    """A member's ``loss`` (or ``base_loss``) from its index record (:func:`processors.app.index_record`): a
+    non-negative number, or ``None`` (not measured, or not a loss) so that the ``behaviour`` detector abstains."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    v = float(value)
+    return v if v >= 0 and not math.isnan(v) else None
+
+
 def global_update_sketch(sketches: np.ndarray, verdicts: list[str], weights: list[float], num_samples: list[float],
                          cap: float | None) -> np.ndarray | None:
     """The sketch of the global update a judged window makes (the next window's ``previous_global``): the mean of
@@ -242,7 +252,10 @@ class WindowDefence:
             stats: dict[str, Any] = {"detection": "none", "n": len(members)}
         else:
             verdict = score_window(norms, sketches, histories, previous, trust, self.config,
-                                   equivocated=[d in equivocators for d in devices], angle_baseline=baseline)
+                                   equivocated=[d in equivocators for d in devices], angle_baseline=baseline,
+                                   losses=[measured_loss(m.get("loss")) for m in members],
+                                   base_loss=next((measured_loss(m.get("base_loss")) for m in members
+                                                   if measured_loss(m.get("base_loss")) is not None), None))
             outcome = [{"scores": v.scores, "flags": v.flags, "verdict": v.verdict, "weight": v.weight,
                         "reasons": v.reasons, "evidence": v.evidence} for v in verdict.members]
             stats = {"detection": "ensemble", **verdict.stats}

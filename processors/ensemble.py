@@ -9,9 +9,10 @@ false positives from becoming rejections, Aggarwal, "Outlier Ensembles", 2017, c
 
 * **reject** when any *strong* signal fires (a Sybil group; a norm above 5x the window's centre; a cosine below -0.3
   to the centre of the other members, a median cosine below -0.2 to the other members, or a cosine below -0.5 to
-  the previous global update), or when detectors of at least
-  ``reject_votes`` (2) different *families* vote (``FAMILIES``: size = magnitude, distance; angle = direction;
-  collusion = sybil, cluster, flame, foolsgold; history), so that two views of the same fact (a large norm makes a
+  the previous global update; a loss on the server's clean data above 4x the window's median member, after the
+  member's update alone), or when detectors of at least ``reject_votes`` (2) different *families* vote
+  (``FAMILIES``: size = magnitude, distance; angle = direction; behaviour; collusion = sybil, cluster, flame,
+  foolsgold; history), so that two views of the same fact (a large norm makes a
   large Krum score) do not make two votes;
 * **downweight** on votes of one family (a FoolsGold alpha below ``foolsgold_min`` = 0.5 is a vote), or trust below
   ``trust_min`` (0.3, i.e. a device with more negative than positive recent evidence, or just released from
@@ -48,10 +49,10 @@ from processors.detectors import DeviceHistory
 __all__ = ["DETECTORS", "EnsembleConfig", "MemberVerdict", "WindowVerdict", "score_window"]
 
 #: every detector the ensemble knows; ``EnsembleConfig.enabled`` is a subset
-DETECTORS = ("magnitude", "direction", "distance", "sybil", "cluster", "flame", "foolsgold", "history")
+DETECTORS = ("magnitude", "direction", "distance", "behaviour", "sybil", "cluster", "flame", "foolsgold", "history")
 #: votes of one family count once: magnitude and Krum distance both see size (on non-IID updates, which are nearly
 #: orthogonal, a Krum score is mostly the member's own squared norm); the collusion detectors all see similarity
-FAMILIES = {"magnitude": "size", "distance": "size", "direction": "angle", "sybil": "collusion",
+FAMILIES = {"magnitude": "size", "distance": "size", "direction": "angle", "behaviour": "behaviour", "sybil": "collusion",
             "cluster": "collusion", "flame": "collusion", "foolsgold": "collusion", "history": "history"}
 
 
@@ -89,6 +90,9 @@ class EnsembleConfig:
     # distance
     distance_z: float = 3.5
     distance_floor: float = 1.0
+    # behaviour: the loss on the server's clean rows after the member's update alone, over the window's median member
+    behaviour_ratio: float = 2.5
+    behaviour_strong_ratio: float = 4.0
     # FLAME clustering: its vote counts in the ensemble only if True (it is reported either way)
     flame_votes: bool = False
     # FoolsGold
@@ -170,7 +174,8 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
                  previous_global: np.ndarray | None, trust: np.ndarray,
                  config: EnsembleConfig = EnsembleConfig(),
                  equivocated: Sequence[bool] | None = None,
-                 angle_baseline: Sequence[float] | None = None) -> WindowVerdict:
+                 angle_baseline: Sequence[float] | None = None,
+                 losses: Sequence[float | None] | None = None, base_loss: float | None = None) -> WindowVerdict:
     """Score one window. ``norms`` ``(n,)`` exact L2 norms; ``sketches`` ``(n, k)``; ``histories`` one per member,
     the device's :class:`DeviceHistory` *before* this window (``None`` = never seen); ``previous_global`` the sketch
     ``(k,)`` of the last global update or ``None``; ``trust`` ``(n,)`` in [0, 1] (reputation expectation);
@@ -181,6 +186,9 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
     ``angle_baseline``: the recent cosines between non-rejected members of past windows (oldest first; the caller
     keeps them, extending them with each verdict's ``angle_pairs``); the direction detector's thresholds are
     multiplied by :func:`processors.detectors.angle_scale` of it (``None``: scale 1, the measured thresholds).
+    ``losses`` ``(n,)``: each member's loss on the server's clean rows after its update alone (the validator's
+    :class:`fedguard.tasks.server_data.LossProbe`; ``None`` entries, or ``None`` for all: not measured, the
+    ``behaviour`` detector abstains for them), ``base_loss`` the base version's own (reported only).
     Raises ``ValueError`` on inconsistent shapes or non-finite input."""
     x = np.asarray(norms, dtype=np.float64).reshape(-1)
     n = x.size
@@ -315,6 +323,20 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
             if res.flagged[i]:
                 reasons[i].append(f"distance: Krum score {res.extra['krum'][i]:.4g} is an outlier "
                                   f"(z {res.scores[i]:.3g} > {cfg.distance_z})")
+    if "behaviour" in on and losses is not None:
+        if len(losses) != n:
+            raise ValueError(f"need one loss (or None) per member: {len(losses)} for {n}")
+        res = D.behaviour(losses, base_loss, labels=labels, trust=ct, ratio=cfg.behaviour_ratio,
+                          strong_ratio=cfg.behaviour_strong_ratio)
+        record("behaviour", res)
+        centre = res.info.get("centre")
+        for i in range(n):
+            scores[i]["loss"] = _f(losses[i]) if losses[i] is not None else None
+            scores[i]["loss_ratio"] = _f(res.scores[i]) if centre is not None and losses[i] is not None else None
+            if res.flagged[i]:
+                reasons[i].append(f"behaviour: its update alone takes the loss on the server's clean data to "
+                                  f"{res.scores[i]:.3g}x the window's median member ({centre:.4g}; cut "
+                                  f"{cfg.behaviour_ratio}x)")
     if "flame" in on:
         res = D.flame_outliers(s, labels=labels)
         record("flame", res, vote=cfg.flame_votes)

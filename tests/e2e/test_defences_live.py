@@ -283,3 +283,27 @@ def test_updates_along_minus_the_global_update_at_the_honest_norm_are_not_admitt
     assert_model_and_honest_kept(run)
     bad = run.members(bad=True)
     assert bad and all(m["verdict"] != "accept" for m in bad), [(m["verdict"], m["flags"]) for m in bad]
+
+
+def test_sign_flipped_updates_are_rejected_by_their_loss_on_the_servers_clean_data(settings):
+    # A sign flip (x4, the library's default) of a non-IID update is nearly orthogonal to the other members and its
+    # norm is an ordinary one when the device's own update is small: what gives it away is what it does to the model.
+    # The validator measures every update's loss on the server's clean rows applied alone to its base version (read
+    # from the model store), and the window stage compares it with the window's median member.
+    attackers = ["dev-0002", "dev-0006"]
+    run = run_attack(settings, "sign_flip", attackers)
+    assert_model_and_honest_kept(run)
+    bad = run.members(bad=True)
+    assert bad and all(m["verdict"] == "reject" and "behaviour" in m["flags"] for m in bad), \
+        [(m["verdict"], m["flags"], m["scores"].get("loss_ratio")) for m in bad]
+    # measured live for every member, honest ones included (the base versions' weights were readable)
+    members = [m for w in run.windows for m in w["members"]]
+    assert all(isinstance(m["loss"], float) and isinstance(m["base_loss"], float) for m in members)
+    honest = run.members(bad=False)
+    assert max(m["scores"]["loss_ratio"] for m in honest) < min(m["scores"]["loss_ratio"] for m in bad)
+    assert not [m for m in honest if "behaviour" in m["flags"]]
+    for device in attackers:  # three rejected windows quarantine a device (reputation strikes)
+        rejected = [w for w in run.windows for m in w["members"] if m["device_id"] == device
+                    and m["verdict"] == "reject"]
+        if len(rejected) >= 3:
+            assert run.status[device] == registry.QUARANTINED, (device, run.status)

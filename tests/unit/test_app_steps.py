@@ -94,7 +94,7 @@ def test_index_record_points_at_the_valid_record_and_its_tensor_and_carries_the_
     record = A.index_record(u, position, valid, ref, SPEC)
     assert {k: v for k, v in record.items() if k != "sketch"} == {
         "update_id": u.header.update_id, "device_id": "dev-1", "base_version": 3, "num_samples": 20,
-        "norm": u.norm, "raw": position, "tensor": ref, "valid": valid}
+        "norm": u.norm, "raw": position, "tensor": ref, "valid": valid, "loss": None, "base_loss": None}
     assert np.array_equal(sketch_codec.decode(record["sketch"], SPEC.k), sketch(u.tensor, SPEC))
     assert records.loads(records.dumps(record)) == record  # JSON-safe
 
