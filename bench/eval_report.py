@@ -34,7 +34,9 @@ BACKDOORS = {"model_replacement": "single-shot model replacement",
 UNTARGETED = ("alie", "ipm", "min_max", "min_sum", "sign_flip", "gaussian")
 #: attacks built to look like honest updates in every window (the detection target does not apply; THREATS.md)
 NOT_DETECTABLE = {
-    "constrain_and_scale": "scaled to the honest median norm, trained with the anomaly-evasion loss",
+    "constrain_and_scale": "trained with the anomaly-evasion loss, sent at the honest median norm: the library's "
+                           "version scales its small delta *up* to that norm, which the behaviour detector sees "
+                           "(docs/detection.md); sent at its own norm it is not seen",
     "slow_drift": "an honest update plus a push of 0.1-0.3 of the honest norm",
     "badnets": "honest training on a shard with a few triggered samples (data poisoning)",
 }
@@ -193,6 +195,9 @@ def render(rep: dict[str, Any]) -> str:
         f"| the default defence + audit against the anchor's attack, seeds 0-2 | `{DIRS['anchor_default']}/` | "
         f"{counts['anchor_default']} of 3 |",
         "",
+        "The ensemble cells of `eval/` (every rule, seed 0) were made before the behaviour detector "
+        "(docs/detection.md) and are not re-run yet; the cells without detection there are unaffected, and every "
+        "target below reads the default defence's runs, re-run with it, or cells without detection.", "",
         "Each directory's `results.md` has the full table (final main accuracy, maximum and final backdoor accuracy, "
         "detection rates, mean ± sd over seeds) and its heat maps and per-cell curves (written when its run "
         "completes).", "",
