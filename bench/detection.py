@@ -320,7 +320,8 @@ def render(report: dict[str, Any]) -> str:
         f"| exact L2 norms of the 100 updates | validator, per update | {m['norms']:.3f} |",
         f"| CountSketch of the 100 updates | validator, per update | {m['sketch']:.3f} |",
         *([f"| loss on the server's {c.get('loss_rows', 256)} rows after each of the 100 updates (MLP of "
-           f"{c.get('loss_params', 0):,} parameters) | validator, per update | {m['loss']:.3f} |"] if "loss" in m else []),
+           f"{c.get('loss_params', 0):,} parameters) | validator, per update | {m['loss']:.3f} |"]
+          if "loss" in m else []),
         f"| `score_window` + reputation + history updates | window stage, once per window | {m['judge']:.3f} |",
         f"| **sketching + loss + judging (the detection cost)** | | **{c['total_median_s']:.3f}** |",
         f"| the sketch hash for d = 1M (once per process and seed) | validator start-up | {c['hash_once_s']:.3f} |",
@@ -519,8 +520,9 @@ def notes(report: dict[str, Any]) -> list[str]:
     if seen:
         out.append("Backdoors trained, not crafted, at the honest norm and direction, that the update's effect on "
                    "clean data still gives away: " + "; ".join(
-                       f"{k} flagged {pct(s[k]['tp'])} (behaviour votes {pct(s[k]['votes_tp'].get('behaviour', 0.0), 0)}"
-                       f"), max backdoor {pct(s[k]['max_backdoor_accuracy'])}" for k in seen)
+                       f"{k} flagged {pct(s[k]['tp'])} (behaviour votes "
+                       f"{pct(s[k]['votes_tp'].get('behaviour', 0.0), 0)}), max backdoor "
+                       f"{pct(s[k]['max_backdoor_accuracy'])}" for k in seen)
                    + ". The anomaly-evasion loss keeps constrain_and_scale's trained delta small, and the library's "
                      "attack then scales it *up* to the median honest norm (by 1.7-2.9x, measured in rounds 5-9 of "
                      "seed 0): that amplified step along the backdoor, applied alone, raises the loss on balanced "

@@ -21,8 +21,9 @@ false positives from becoming rejections, Aggarwal, "Outlier Ensembles", 2017, c
 
 ``weight`` (the multiplier the aggregator applies): accept 1, downweight ``min(downweight_weight, alpha)`` with
 ``downweight_weight = 0.5`` and alpha FoolsGold's, reject 0. ``evidence`` (what reputation should observe) is the
-verdict without the trust rule, and ``sybil`` for a member of a Sybil group (a reject that
-:func:`processors.reputation.observe` quarantines at once). Thresholds and measured false-positive rates: docs/detection.md.
+verdict without the trust rule, ``sybil`` for a member of a Sybil group and ``harmful`` for a member the behaviour
+detector's strong signal rejected (rejects that :func:`processors.reputation.observe` quarantines at once).
+Thresholds and measured false-positive rates: docs/detection.md.
 
 The direction detector's cosine thresholds were measured on Fashion-MNIST; they are multiplied by
 :func:`processors.detectors.angle_scale` of ``angle_baseline`` (recent cosines between non-rejected members: 1 on
@@ -52,8 +53,9 @@ __all__ = ["DETECTORS", "EnsembleConfig", "MemberVerdict", "WindowVerdict", "sco
 DETECTORS = ("magnitude", "direction", "distance", "behaviour", "sybil", "cluster", "flame", "foolsgold", "history")
 #: votes of one family count once: magnitude and Krum distance both see size (on non-IID updates, which are nearly
 #: orthogonal, a Krum score is mostly the member's own squared norm); the collusion detectors all see similarity
-FAMILIES = {"magnitude": "size", "distance": "size", "direction": "angle", "behaviour": "behaviour", "sybil": "collusion",
-            "cluster": "collusion", "flame": "collusion", "foolsgold": "collusion", "history": "history"}
+FAMILIES = {"magnitude": "size", "distance": "size", "direction": "angle", "behaviour": "behaviour",
+            "sybil": "collusion", "cluster": "collusion", "flame": "collusion", "foolsgold": "collusion",
+            "history": "history"}
 
 
 @dataclass(frozen=True)
@@ -378,6 +380,8 @@ def score_window(norms: np.ndarray, sketches: np.ndarray, histories: Sequence[De
                 verdict, weight = "accept", 1.0
         if "sybil" in strong[i]:
             evidence = "sybil"  # near-identical to another device's update: reputation quarantines at once
+        elif "behaviour" in strong[i]:
+            evidence = "harmful"  # alone it wrecks the model on clean data (> 4x the median member): the same
         else:
             evidence = "reject" if verdict == "reject" else ("downweight" if vote_count else "accept")
         members.append(MemberVerdict(scores[i], flags, verdict, weight, reasons[i], evidence))

@@ -22,6 +22,15 @@ Quarantine (``status = "quarantined"``) when **any** of
   private data and travels sealed to the server. Waiting for 3 strikes instead let a Sybil group keep its members
   for as long as 3 samplings of each take (at 10 of 100 devices per round, 2 to 4 of 12-15 Sybils that took part
   were quarantined within 10 rounds, bench/results/audit.md before this rule);
+* the evidence is ``harmful``: the behaviour detector's strong signal (:func:`processors.detectors.behaviour`):
+  the device's update, applied alone to its base version, took the loss on the server's clean rows above 4x the
+  window's median member. It counts as a reject and quarantines at once. No honest member came near it (honest
+  members at most 2.4x the median in 2,000 measured; 0 of 3,000 honest members rejected by it in
+  bench/results/detection.md), and an attacker cannot push an honest member there: it can lower the window's
+  median only with more than half of the distinct, trusted weight. Waiting for 3 strikes let constrain-and-scale
+  devices, rejected in 72 % of their windows but sampled once every ~10 rounds, keep sending for the whole run
+  (2 and 4 of 20 quarantined within 10 rounds, bench/results/audit.md before this rule), and their few admitted
+  updates added up to a 7-10 % backdoor;
 * ``strikes`` (consecutive windows in which the detectors judged against the device: downweighted or rejected)
   reaches 3: a device flagged in 3 of its windows in a row is quarantined whatever its past, because Beta evidence
   alone cannot both forgive a new device's one mistake and quarantine a long-honest one quickly (E after 3 rejects
@@ -60,7 +69,7 @@ from dataclasses import asdict, dataclass, replace
 __all__ = ["Reputation", "ReputationParams", "expectation", "maybe_release", "observe"]
 
 #: what a window says about a device's update (processors/ensemble.py, ``MemberVerdict.evidence``)
-EVIDENCE = ("accept", "downweight", "reject", "sybil")
+EVIDENCE = ("accept", "downweight", "reject", "sybil", "harmful")
 
 
 @dataclass(frozen=True)
@@ -150,10 +159,10 @@ def expectation(rep: Reputation) -> float:
 
 def observe(rep: Reputation, evidence: str, now: float,
             params: ReputationParams = ReputationParams()) -> tuple[Reputation, list[str]]:
-    """Apply one window's ``evidence`` (``"accept"``, ``"downweight"``, ``"reject"``, ``"sybil"``: a reject that
-    quarantines at once). Evidence is forgotten by lambda first, then added. Returns the new reputation and the
-    events. A device already quarantined (a window that closed as it was being quarantined) still accumulates
-    evidence but raises no new quarantine."""
+    """Apply one window's ``evidence`` (``"accept"``, ``"downweight"``, ``"reject"``; ``"sybil"`` and
+    ``"harmful"``: rejects that quarantine at once). Evidence is forgotten by lambda first, then added. Returns the
+    new reputation and the events. A device already quarantined (a window that closed as it was being quarantined)
+    still accumulates evidence but raises no new quarantine."""
     if evidence not in EVIDENCE:
         raise ValueError(f"evidence must be one of {EVIDENCE}, got {evidence!r}")
     lam = params.forgetting
@@ -175,8 +184,8 @@ def observe(rep: Reputation, evidence: str, now: float,
     new = replace(rep, r=r, s=s, strikes=strikes, probation=probation, windows=rep.windows + 1, last_seen=now)
     if new.status == "active":
         e = expectation(new)
-        if (evidence == "sybil" or strikes >= params.strikes_to_quarantine or e < params.quarantine_below
-                or (evidence in ("reject", "sybil") and rep.probation > 0)):
+        if (evidence in ("sybil", "harmful") or strikes >= params.strikes_to_quarantine
+                or e < params.quarantine_below or (evidence in ("reject", "sybil", "harmful") and rep.probation > 0)):
             new = replace(new, status="quarantined", quarantined_at=now, quarantines=rep.quarantines + 1)
             events.append("quarantined")
     return new, events

@@ -103,6 +103,8 @@ def test_the_ensemble_rejects_an_update_that_wrecks_the_model_on_clean_data_at_a
     assert res.members[7].flags == ["behaviour"] and "server's clean data" in " ".join(res.members[7].reasons)
     assert res.members[7].scores["loss"] == 9.0 and res.members[7].scores["loss_ratio"] > 8
     assert res.stats["detectors"]["behaviour"]["base_loss"] == 0.6
+    assert res.members[7].evidence == "harmful"  # the strong signal: reputation quarantines at once
+    assert all(m.evidence == "accept" for m in res.members[:7])
     # one vote below the strong cut: downweighted, not rejected
     losses[7] = 3.0
     res = score_window(np.linalg.norm(x, axis=1), x, [None] * 8, None, np.full(8, 0.5), losses=losses)

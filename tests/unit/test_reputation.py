@@ -49,19 +49,20 @@ def test_new_device_rejected_once_or_twice_is_not_quarantined():
     assert rep.status == "active" and "quarantined" not in ev
 
 
+@pytest.mark.parametrize("evidence", ["sybil", "harmful"])
 @pytest.mark.parametrize("start", ["fresh", "steady"])
-def test_one_sybil_window_quarantines_at_once_whatever_the_past_and_counts_as_a_reject(start):
+def test_one_sybil_or_harmful_window_quarantines_at_once_whatever_the_past_and_counts_as_a_reject(start, evidence):
     before = Reputation() if start == "fresh" else steady()
-    rep, ev = observe(before, "sybil", now=50.0)
+    rep, ev = observe(before, evidence, now=50.0)
     assert rep.status == "quarantined" and rep.quarantined_at == 50.0 and ev == ["flagged", "quarantined"]
     assert rep.s == pytest.approx(0.9 * before.s + P.reject_evidence) and rep.r == pytest.approx(0.9 * before.r)
     assert rep.strikes == before.strikes + 1 and rep.quarantines == 1
     # already quarantined (a window that closed meanwhile): evidence, no second quarantine
-    again, ev = observe(rep, "sybil", now=51.0)
+    again, ev = observe(rep, evidence, now=51.0)
     assert again.status == "quarantined" and again.quarantined_at == 50.0 and ev == ["flagged"]
-    # released on probation, a Sybil again: back in quarantine
+    # released on probation, the same again: back in quarantine
     released, _ = maybe_release(rep, now=50.0 + P.probation_s)
-    back, ev = observe(released, "sybil", now=60.0 + P.probation_s)
+    back, ev = observe(released, evidence, now=60.0 + P.probation_s)
     assert back.status == "quarantined" and back.quarantines == 2 and "quarantined" in ev
 
 
