@@ -445,6 +445,12 @@ def clean_at(report: dict[str, Any], rnd: int, seeds: list[int]) -> str:
     return f"{statistics.mean(accs):.4f}" if accs else "–"
 
 
+def quarantine_rounds(run: dict[str, Any]) -> list[int]:
+    """The rounds of a stored run in which its count of quarantined honest devices went up."""
+    q, rounds = run["rounds"]["quarantined_honest"], run["rounds"]["round"]
+    return [rounds[i] for i in range(len(q)) if q[i] > (q[i - 1] if i else 0)]
+
+
 def notes(report: dict[str, Any]) -> list[str]:
     """What the numbers say, each with the figures it rests on (computed from the summary)."""
     s = report["summary"]
@@ -464,8 +470,11 @@ def notes(report: dict[str, Any]) -> list[str]:
         out.append("Honest devices quarantined: " + (
             "none in any run of this benchmark." if not quarantined else
             ", ".join(f"{n} in the {k} runs" for k, n in quarantined.items())
-            + " (a device whose own updates the detectors flagged in 3 of its windows in a row: the strike rule "
-              "counts downweights; its flagged rounds are in the JSON's per-round columns)."))
+            + " (quarantined by the strike rule, 3 flagged windows in a row, or at once when a member is rejected on "
+              "the behaviour detector's strong signal, evidence `harmful`; the rounds they were quarantined in: "
+            + "; ".join(f"{r['kind']} seed {r['seed']}: rounds " + ", ".join(map(str, quarantine_rounds(r)))
+                        for r in report.get("runs", []) if r["kind"] == "clean" and quarantine_rounds(r))
+            + ")."))
     if "window_stuffing" in s:
         a = s["window_stuffing"]
         out.append(f"window_stuffing: every copy after a device's first was refused before the window "

@@ -197,7 +197,10 @@ def render(rep: dict[str, Any]) -> str:
         "",
         "The ensemble cells of `eval/` (every rule, seed 0) were made before the behaviour detector "
         "(docs/detection.md) and are not re-run yet; the cells without detection there are unaffected, and every "
-        "target below reads the default defence's runs, re-run with it, or cells without detection.", "",
+        "target below reads the default defence's runs, re-run with it, or cells without detection. The default "
+        "defence's runs predate the reputation rule that quarantines at once a device rejected on the behaviour "
+        "detector's strong signal (evidence `harmful`, processors/reputation.py): in them such devices waited for "
+        "three flagged windows in a row; bench/results/detection.md and bench/results/audit.md have the rule.", "",
         "Each directory's `results.md` has the full table (final main accuracy, maximum and final backdoor accuracy, "
         "detection rates, mean ± sd over seeds) and its heat maps and per-cell curves (written when its run "
         "completes).", "",
