@@ -24,10 +24,11 @@ Quarantine (``status = "quarantined"``) when **any** of
   were quarantined within 10 rounds, bench/results/audit.md before this rule);
 * the evidence is ``harmful``: the behaviour detector's strong signal (:func:`processors.detectors.behaviour`):
   the device's update, applied alone to its base version, took the loss on the server's clean rows above 4x the
-  window's median member. It counts as a reject and quarantines at once. No honest member came near it (honest
-  members at most 2.4x the median in 2,000 measured; 0 of 3,000 honest members rejected by it in
-  bench/results/detection.md), and an attacker cannot push an honest member there: it can lower the window's
-  median only with more than half of the distinct, trusted weight. Waiting for 3 strikes let constrain-and-scale
+  window's median member. It counts as a reject and quarantines at once. Honest members rarely come near it (at
+  most 2.4x the median in 2,000 measured on 1,000 rows; on the 256 rows the validator uses, one honest device of
+  the 300 clean windows of bench/results/detection.md was quarantined in a round in which one of its members was
+  rejected: the rule's measured price), and an attacker cannot push an honest member there: it can lower the
+  window's median only with more than half of the distinct, trusted weight. Waiting for 3 strikes let constrain-and-scale
   devices, rejected in 72 % of their windows but sampled once every ~10 rounds, keep sending for the whole run
   (2 and 4 of 20 quarantined within 10 rounds, bench/results/audit.md before this rule), and their few admitted
   updates added up to a 7-10 % backdoor;

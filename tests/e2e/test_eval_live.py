@@ -1,7 +1,7 @@
 """``fedguard eval --live`` (issue 10, item 2): one cell through the real embedded pipeline (its own broker, Redis,
 processors, aggregator and fleet) agrees with the same cell in process.
 
-The cell: the default defence (norm_clip + the detection ensemble), sign flip from round 3 at 20% of a 10-device
+The cell: the default defence (norm_clip + the detection ensemble), sign flip from round 3 at 30% of a 10-device
 synthetic fleet, 5 devices per round, 8 rounds. Stated tolerance: every round's main and backdoor accuracy within
 0.5 percentage points (the runs differ in the order a window's members arrive, so in the float sums of the
 aggregate), and the same verdicts (the same numbers of malicious and honest members, flagged, rejected and admitted
@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 CELL = ["--task", "synthetic", "--devices", "10", "--per-round", "5", "--rules", "norm_clip", "--detection",
-        "ensemble", "--attacks", "sign_flip", "--fractions", "0.2", "--seeds", "0", "--rounds", "8",
+        "ensemble", "--attacks", "sign_flip", "--fractions", "0.3", "--seeds", "0", "--rounds", "8",
         "--attack-start", "3", "--no-plots", "--workers", "1"]
 TOLERANCE = 0.005
 
@@ -50,7 +50,9 @@ def test_a_cell_run_live_agrees_with_the_same_cell_in_process(tmp_path):
                   "rejected_honest", "admitted"):
             assert x[k] == y[k], (k, x, y)
         attacked += x["malicious"]
-    assert attacked >= 3  # the attack reached windows, and the ensemble judged it the same way in both
+    # the attack reached windows, and the ensemble judged it the same way in both; three devices, as each is
+    # quarantined at its first rejection (evidence "harmful"), so each reaches about one window
+    assert attacked >= 3
     assert a["detection_rates"]["tp"] == b["detection_rates"]["tp"]
     assert (out / "results.md").read_text().count("| norm_clip | ensemble | sign_flip |") == 1
     assert not list((out / "live").glob("*/data"))  # the live cell's stack data is removed, its logs kept
