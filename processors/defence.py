@@ -251,11 +251,11 @@ class WindowDefence:
                         "evidence": "accept"} for _ in members]
             stats: dict[str, Any] = {"detection": "none", "n": len(members)}
         else:
+            base_losses = [measured_loss(m.get("base_loss")) for m in members]  # one base version: the same
             verdict = score_window(norms, sketches, histories, previous, trust, self.config,
                                    equivocated=[d in equivocators for d in devices], angle_baseline=baseline,
                                    losses=[measured_loss(m.get("loss")) for m in members],
-                                   base_loss=next((measured_loss(m.get("base_loss")) for m in members
-                                                   if measured_loss(m.get("base_loss")) is not None), None))
+                                   base_loss=next((b for b in base_losses if b is not None), None))
             outcome = [{"scores": v.scores, "flags": v.flags, "verdict": v.verdict, "weight": v.weight,
                         "reasons": v.reasons, "evidence": v.evidence} for v in verdict.members]
             stats = {"detection": "ensemble", **verdict.stats}
