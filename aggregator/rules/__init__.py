@@ -11,7 +11,7 @@ configuration up front with :func:`validate_config`.  See
 
 from ._runtime import get_num_threads, set_num_threads
 from ._types import AggregateResult, PreconditionError, RuleConfigError
-from .averaging import centered_clipping, dp_gaussian, fedavg, norm_clip, reputation_weighted
+from .averaging import centered_clipping, dp_gaussian, fedavg, norm_clip, reputation_weighted, robust_lr
 from .coordinatewise import coordinate_median, trim_count, trimmed_mean
 from .distance import (
     bulyan,
@@ -53,6 +53,7 @@ __all__ = [
     "norm_clip",
     "pairwise_sq_distances",
     "reputation_weighted",
+    "robust_lr",
     "set_num_threads",
     "trim_count",
     "trimmed_mean",

@@ -12,7 +12,7 @@ import numpy as np
 
 from ._checks import check_int, check_real
 from ._types import AggregateResult, PreconditionError, RuleConfigError
-from .averaging import centered_clipping, dp_gaussian, fedavg, norm_clip, reputation_weighted
+from .averaging import centered_clipping, dp_gaussian, fedavg, norm_clip, reputation_weighted, robust_lr
 from .coordinatewise import coordinate_median, trimmed_mean
 from .distance import bulyan, geometric_median, krum, multi_krum
 from .similarity import flame, fltrust
@@ -30,6 +30,14 @@ def _pos(name: str) -> Callable[[Any], float]:
 
 def _nonneg(name: str) -> Callable[[Any], float]:
     return lambda v: check_real(name, v, low=0.0)
+
+
+def _bool(name: str) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise PreconditionError(f"{name} must be true or false, got {v!r}")
+        return v
+    return check
 
 
 def _int(name: str, minimum: int) -> Callable[[Any], int]:
@@ -95,6 +103,11 @@ RULE_SPECS: dict[str, RuleSpec] = {
                  _one, "clip, sum, Gaussian noise, divide by n (DP-FedAvg)"),
         RuleSpec("reputation_weighted", reputation_weighted, {}, ("trust_scores",), _one,
                  "mean weighted by reputation trust scores"),
+        RuleSpec("robust_lr", robust_lr,
+                 {"threshold": _opt(_int("threshold", 1)), "max_norm": _opt(_pos("max_norm")), "clip": _bool("clip"),
+                  "disagreement_rate": lambda v: check_real("disagreement_rate", v, low=-1.0, high=0.0)},
+                 ("sample_counts",), lambda p: int(p.get("threshold") or 1),
+                 "reverse the step of every coordinate fewer than threshold members agree on (backdoors)"),
     ]
 }
 

@@ -85,6 +85,7 @@ RULE_CONFIGS = [
     ("krum", '{"f": 1}'), ("multi_krum", '{"f": 1}'), ("geometric_median", ""), ("bulyan", '{"f": 1}'),
     ("centered_clipping", '{"tau": 0.5, "iters": 2}'), ("fltrust", ""), ("flame", '{"noise_lambda": 0.001}'),
     ("dp_gaussian", '{"clip_norm": 1.0, "noise_multiplier": 0.1}'), ("reputation_weighted", ""),
+    ("robust_lr", '{"threshold": 4, "disagreement_rate": 0}'),
 ]
 
 

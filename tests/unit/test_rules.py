@@ -37,6 +37,7 @@ from aggregator.rules import (
     multi_krum,
     multi_krum_select,
     norm_clip,
+    robust_lr,
     pairwise_sq_distances,
     reputation_weighted,
     set_num_threads,
@@ -489,6 +490,80 @@ def test_reputation_weighted():
         reputation_weighted(x, [1.0, -1.0, 1.0])
 
 
+def test_robust_lr_reverses_the_coordinates_too_few_members_agree_on():
+    # Ozdayi et al. 2021, Eq. 4-5. Columns: signs (+,+,+) sum 3; (-,+,-) sum -1; (+,0,-) sum 0 (a tie).
+    x = np.array([[1.0, -1.0, 2.0], [1.0, 1.0, 0.0], [1.0, -2.0, -4.0]])
+    mean = x.mean(axis=0)  # [1, -2/3, -2/3]
+    paper = {"clip": False, "disagreement_rate": -1.0}
+    np.testing.assert_allclose(robust_lr(x, 1, **paper).vector, mean * [1, 1, -1])
+    np.testing.assert_allclose(robust_lr(x, 2, **paper).vector, mean * [1, -1, -1])
+    np.testing.assert_allclose(robust_lr(x, 3, **paper).vector, mean * [1, -1, -1])
+    # disagreement_rate 0 drops those coordinates, -0.5 reverses half of their step
+    np.testing.assert_allclose(robust_lr(x, 2, clip=False, disagreement_rate=0.0).vector, mean * [1, 0, 0])
+    np.testing.assert_allclose(robust_lr(x, 2, clip=False, disagreement_rate=-0.5).vector, mean * [1, -0.5, -0.5])
+    with pytest.raises(PreconditionError, match="disagreement_rate"):
+        robust_lr(x, 2, disagreement_rate=0.5)
+    res = robust_lr(x, 2, **paper)
+    assert res.info["threshold"] == 2 and res.info["reversed_fraction"] == pytest.approx(2 / 3)
+    assert res.selected.tolist() == [0, 1, 2] and res.rule == "robust_lr"
+
+
+def test_robust_lr_clips_like_norm_clip_before_the_signs():
+    x = np.array([[1.0, -1.0, 2.0], [1.0, 1.0, 0.0], [1.0, -2.0, -4.0]])
+    # norms sqrt 6, sqrt 2, sqrt 21: median sqrt 6, so only the last row is scaled, by sqrt(6/21)
+    clipped = x * np.array([[1.0], [1.0], [np.sqrt(6 / 21)]])
+    res = robust_lr(x, 2, disagreement_rate=-1.0)
+    np.testing.assert_allclose(res.vector, clipped.mean(axis=0) * [1, -1, -1])
+    assert res.info["clip_norm"] == pytest.approx(np.sqrt(6)) and res.info["n_clipped"] == 1
+    np.testing.assert_allclose(robust_lr(x, 2, max_norm=1.0).vector,  # the default rate: dropped, not reversed
+                               norm_clip(x, max_norm=1.0).vector * [1, 0, 0])
+
+
+def test_robust_lr_gives_each_member_one_vote_whatever_its_sample_count():
+    x = np.array([[1.0, 1.0], [1.0, 1.0], [-1.0, 1.0]])
+    counts = [1, 1, 1000]  # the mean follows the counts, the votes do not: column 0 votes +1 (1+1-1)
+    res = robust_lr(x, 2, sample_counts=counts, clip=False, disagreement_rate=-1.0)
+    mean = fedavg(x, counts).vector
+    np.testing.assert_allclose(res.vector, mean * [-1, 1])
+
+
+def test_robust_lr_default_threshold_is_four_tenths_of_the_window_rounded_up():
+    rng = np.random.default_rng(5)
+    for n, theta in ((10, 4), (9, 4), (8, 4), (7, 3), (5, 2), (3, 2), (2, 1), (1, 1)):
+        x = rng.normal(size=(n, 40))
+        res = robust_lr(x)
+        assert res.info["threshold"] == theta, n
+        np.testing.assert_array_equal(res.vector, robust_lr(x, theta).vector)
+
+
+def test_robust_lr_degenerate_inputs():
+    # one member agrees with itself on every non-zero coordinate; a zero coordinate has no vote and stays zero
+    one = np.array([[2.0, 0.0, -3.0]])
+    np.testing.assert_allclose(robust_lr(one, 1, clip=False, disagreement_rate=-1.0).vector, [2.0, 0.0, -3.0])
+    # identical members agree everywhere: sending copies cannot reverse the honest step
+    copies = np.tile([[0.5, -0.25]], (4, 1))
+    np.testing.assert_allclose(robust_lr(copies, 4).vector, [0.5, -0.25])
+    np.testing.assert_allclose(robust_lr(np.zeros((3, 2)), 3).vector, [0.0, 0.0])
+    with pytest.raises(PreconditionError, match="at least threshold = 4 members, got 3"):
+        robust_lr(np.ones((3, 2)), 4)
+    with pytest.raises(PreconditionError, match="threshold must be >= 1"):
+        robust_lr(np.ones((3, 2)), 0)
+    with pytest.raises(PreconditionError, match="threshold must be an integer"):
+        robust_lr(np.ones((3, 2)), 1.5)
+
+
+def test_robust_lr_reverses_a_minoritys_backdoor_coordinate():
+    # 8 honest members move coordinate 0 (all +) and disagree on coordinate 1 around zero; 2 colluders push
+    # coordinate 1 by +1 each. Averaged in, the push would be +0.2; reversed, it is undone.
+    honest = np.column_stack([np.full(8, 1.0), [0.01] * 4 + [-0.01] * 4])  # 4 up, 4 down: their votes cancel
+    x = np.vstack([honest, [[1.0, 1.0], [1.0, 1.0]]])
+    res = robust_lr(x, 4, clip=False, disagreement_rate=-1.0)
+    assert res.vector[0] == pytest.approx(1.0)
+    assert res.vector[1] == pytest.approx(-0.2)  # votes: 4 - 4 + 2 = 2 < 4
+    dropped = robust_lr(x, 4, clip=False)  # the default rate: the push is dropped, the agreed step kept
+    assert dropped.vector.tolist() == [pytest.approx(1.0), 0.0]
+
+
 # --------------------------------------------------------------------------- #
 # input validation shared by every rule
 # --------------------------------------------------------------------------- #
@@ -507,6 +582,7 @@ ALL_CALLS = {
     "flame": lambda x: flame(x, 0.001, 0),
     "dp_gaussian": lambda x: dp_gaussian(x, 1.0, 1.0, 0),
     "reputation_weighted": lambda x: reputation_weighted(x, np.ones(len(x))),
+    "robust_lr": lambda x: robust_lr(x, 2),
 }
 
 
@@ -590,6 +666,14 @@ def test_validate_config():
     assert validate_config("trimmed_mean") == {"beta": 0.1}
     assert validate_config("geometric_median", {"eps": 1e-5}) == {"eps": 1e-5, "max_iter": 100, "tol": 1e-6}
     assert validate_config("flame") == {"noise_lambda": 0.001, "min_cluster_size": None}
+    assert validate_config("robust_lr") == {"threshold": None, "max_norm": None, "clip": True,
+                                            "disagreement_rate": 0.0}
+    assert min_updates("robust_lr", validate_config("robust_lr")) == 1
+    assert min_updates("robust_lr", validate_config("robust_lr", {"threshold": 6})) == 6
+    with pytest.raises(RuleConfigError):
+        validate_config("robust_lr", {"threshold": 0})
+    with pytest.raises(RuleConfigError):
+        validate_config("robust_lr", {"threshold": 4, "clip": "yes"})
     with pytest.raises(RuleConfigError, match="requires parameter 'f'"):
         validate_config("bulyan", {})
     with pytest.raises(RuleConfigError, match="beta must be < 0.5"):
