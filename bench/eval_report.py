@@ -1,7 +1,7 @@
 """Issue 10's targets against the committed matrix: writes ``bench/results/eval.md``.
 
 Reads the cells ``bench/eval.sh`` wrote (``<dir>/cells/*.json``, so a partial run reports what it has) in three
-directories (and the anchor's two): ``eval-default-audit`` (norm_clip + ensemble + the model audit: the default
+directories (and the anchor's two): ``eval-default-audit`` (robust_lr + ensemble + the model audit: the default
 configuration of ``fedguard up``, seeds 0-2), ``eval-default`` (the same without the audit) and ``eval`` (every
 rule, with and without detection, seed 0). Each target of issue 10, item 5, is checked on the runs it names:
 
@@ -186,7 +186,7 @@ def render(rep: dict[str, Any]) -> str:
         "`python bench/eval_report.py`. Fashion-MNIST, 100 devices, 10 per round, Dirichlet(0.9), 20 % compromised "
         "from round 5, 30 rounds, every attack of the library with its default parameters.", "",
         "| run | directory | cells finished |", "|---|---|---:|",
-        f"| default defence + audit (norm_clip, ensemble, Neural Cleanse), seeds 0-2 | `{DIRS['audit']}/` | "
+        f"| default defence + audit (robust_lr, ensemble, Neural Cleanse), seeds 0-2 | `{DIRS['audit']}/` | "
         f"{counts['audit']} of 42 |",
         f"| default defence, audit off, seeds 0-2 | `{DIRS['default']}/` | {counts['default']} of 42 |",
         f"| every rule x detection on/off, audit off, seed 0 | `{DIRS['matrix']}/` | {counts['matrix']} of 364 |",
@@ -196,11 +196,10 @@ def render(rep: dict[str, Any]) -> str:
         f"{counts['anchor_default']} of 3 |",
         "",
         "The ensemble cells of `eval/` (every rule, seed 0) were made before the behaviour detector "
-        "(docs/detection.md) and are not re-run yet; the cells without detection there are unaffected, and every "
-        "target below reads the default defence's runs, re-run with it, or cells without detection. The default "
-        "defence's runs predate the reputation rule that quarantines at once a device rejected on the behaviour "
-        "detector's strong signal (evidence `harmful`, processors/reputation.py): in them such devices waited for "
-        "three flagged windows in a row; bench/results/detection.md and bench/results/audit.md have the rule.", "",
+        "(docs/detection.md) and before `robust_lr` became a rule (it has none there; `eval-robust-lr/` compares it "
+        "with norm_clip under every attack, seeds 0-1, with the ensemble); the cells without detection there are "
+        "unaffected, and every target below reads the default defence's runs (re-run 2026-12-03 with the default "
+        "rule robust_lr, the behaviour detector and its quarantine rule) or cells without detection.", "",
         "Each directory's `results.md` has the full table (final main accuracy, maximum and final backdoor accuracy, "
         "detection rates, mean ± sd over seeds) and its heat maps and per-cell curves (written when its run "
         "completes).", "",

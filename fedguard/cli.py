@@ -69,9 +69,9 @@ def _training(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--local-epochs", type=int, help="local training epochs per round")
     g.add_argument("--local-lr", type=float, help="local learning rate")
     g.add_argument("--local-batch-size", type=int, help="local batch size")
-    g.add_argument("--rule", help="aggregation rule (default norm_clip): fedavg, norm_clip, coordinate_median, "
+    g.add_argument("--rule", help="aggregation rule (default robust_lr): fedavg, norm_clip, coordinate_median, "
                    "trimmed_mean, krum, multi_krum, geometric_median, bulyan, centered_clipping, fltrust, flame, "
-                   "dp_gaussian, reputation_weighted")
+                   "dp_gaussian, reputation_weighted, robust_lr")
     g.add_argument("--rule-params", help='JSON object of the rule\'s parameters, e.g. \'{"f": 2}\'')
     g.add_argument("--seed", type=int, help="seed of the data split and local training (not of protective "
                                             "randomness, which comes from the OS)")

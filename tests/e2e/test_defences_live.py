@@ -151,14 +151,16 @@ def without_attack_accuracy(run: Run, window: dict, parent: int) -> float:
     """Accuracy of the same window without the poison: the admitted honest members' updates as they were, and in the
     seat of each attacker the window admitted, the update that device would have sent honestly (the fleet's own
     training: same shard, same seed); rejected attackers hold no seat in either. Aggregated from the parent version
-    by the pipeline's rule (norm_clip, capped sample counts times the window stage's weights). The attacked version
+    by the pipeline's configured rule (capped sample counts times the window stage's weights). The attacked version
     is held against this: what the admitted poison cost, not the loss of a member or a change of rule."""
-    from aggregator.rules.averaging import norm_clip
+    from aggregator.combine import ConfiguredRule
+    from aggregator.rules import RULE_SPECS, aggregate
     from fedguard.tasks import DEFAULT_TRAINING, get_flat_params, local_train
     from producers.sampling import fleet_shards, training_seed
 
     settings = run.settings
-    assert settings.rule == "norm_clip"
+    rule = ConfiguredRule(settings.rule, settings.rule_params, settings.sample_count_cap)
+    assert set(RULE_SPECS[settings.rule].data) <= {"sample_counts"}, "the reference needs only sample counts"
     # The honest members the pipeline admitted, with the weight it gave them (the window stage's verdicts stand).
     honest = [m for m in window["members"] if m["update_id"] not in run.malicious
               and m["verdict"] != "reject" and m.get("weight", 1.0) > 0]
@@ -181,7 +183,8 @@ def without_attack_accuracy(run: Run, window: dict, parent: int) -> float:
                         seed=training_seed(settings.seed, parent, index), momentum=hp.get("momentum", 0.0))
             rows.append((get_flat_params(model) - base, len(shards[index]), 1.0))
     counts = np.array([min(n, settings.sample_count_cap) * w for _, n, w in rows], dtype=np.float64)
-    result = norm_clip(np.stack([d for d, _, _ in rows]).astype(np.float64), sample_counts=counts)
+    result = aggregate(settings.rule, np.stack([d for d, _, _ in rows]).astype(np.float64), **rule.config,
+                       sample_counts=counts)
     set_flat_params(model, (base + result.vector).astype(np.float32))
     return evaluate(model, task.x_test, task.y_test)[0]
 

@@ -1,7 +1,7 @@
 """``fedguard eval --live`` (issue 10, item 2): one cell through the real embedded pipeline (its own broker, Redis,
 processors, aggregator and fleet) agrees with the same cell in process.
 
-The cell: the default defence (norm_clip + the detection ensemble), sign flip from round 3 at 30% of a 10-device
+The cell: norm_clip + the detection ensemble (the default defence until robust_lr became the default rule), sign flip from round 3 at 30% of a 10-device
 synthetic fleet, 5 devices per round, 8 rounds. Stated tolerance: every round's main and backdoor accuracy within
 0.5 percentage points (the runs differ in the order a window's members arrive, so in the float sums of the
 aggregate), and the same verdicts (the same numbers of malicious and honest members, flagged, rejected and admitted

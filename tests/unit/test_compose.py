@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from aggregator.rules import RULES
+from fedguard.settings import Settings
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose.yaml"
 
@@ -23,4 +24,5 @@ def test_every_rule_compose_names_exists_and_the_default_is_the_safe_one():
     named = set(re.findall(r"FEDGUARD_RULE=(\w+)", text)) | set(re.findall(r"FEDGUARD_RULE:-(\w+)", text))
     assert named, "compose.yaml names no rule"
     assert named <= set(RULES), f"rules compose.yaml names that do not exist: {named - set(RULES)}"
-    assert re.search(r"FEDGUARD_RULE: \$\{FEDGUARD_RULE:-norm_clip\}", text), "compose's default must be norm_clip"
+    assert re.search(r"FEDGUARD_RULE: \$\{FEDGUARD_RULE:-robust_lr\}", text), "compose's default must be robust_lr"
+    assert Settings.rule == "robust_lr"
