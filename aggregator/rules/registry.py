@@ -107,7 +107,7 @@ RULE_SPECS: dict[str, RuleSpec] = {
                  {"threshold": _opt(_int("threshold", 1)), "max_norm": _opt(_pos("max_norm")), "clip": _bool("clip"),
                   "disagreement_rate": lambda v: check_real("disagreement_rate", v, low=-1.0, high=0.0)},
                  ("sample_counts",), lambda p: int(p.get("threshold") or 1),
-                 "reverse the step of every coordinate fewer than threshold members agree on (backdoors)"),
+                 "drop (or reverse) the step of every coordinate fewer than threshold members agree on by sign"),
     ]
 }
 
