@@ -119,8 +119,9 @@ def norm_clip(updates: np.ndarray, max_norm: float | None = None,
     return result(vec, np.arange(n), info, "norm_clip")
 
 
-#: robust_lr's default threshold as a share of the window: 4 of the paper's 10 agents per round
-DEFAULT_AGREEMENT = 0.4
+#: robust_lr's default threshold as a share of the window: |sum of signs| >= n / 2, i.e. about three quarters of the
+#: members agree (8 of 10). The paper's 4 of 10 (0.4) let a slow drift through (6.5% backdoor; 4.3% with 0.5, README)
+DEFAULT_AGREEMENT = 0.5
 
 
 def robust_lr(
@@ -157,10 +158,11 @@ def robust_lr(
     The composition with clipping is this project's: sign agreement ignores
     magnitude, clipping bounds it.
 
-    Defaults: ``threshold`` None = :math:`\lceil 0.4\,n \rceil`, the paper's 4
-    for 10 agents per round (its runner script) scaled to the window, so a
-    window of 10 uses 4 and one of 5 uses 2; ``clip`` on;
-    ``disagreement_rate`` 0.
+    Defaults: ``threshold`` None = :math:`\lceil 0.5\,n \rceil` (a window of
+    10 uses 5: 8 of 10 members must agree; one of 5 uses 3: 4 of 5), one
+    step stricter than the paper's 4 for 10 agents per round (its runner
+    script), measured against a slow drift (bench/results/eval-default);
+    ``clip`` on; ``disagreement_rate`` 0.
 
     Preconditions: ``threshold`` an integer >= 1 and at most the number of
     members (with fewer, every coordinate would be reversed: the whole

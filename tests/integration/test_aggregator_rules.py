@@ -227,10 +227,11 @@ def test_the_default_rule_drops_what_a_colluding_minority_pushes_and_keeps_what_
     the coordinates (a common step plus small noise) and not on the rest (zero-mean noise, as on the coordinates a
     backdoor uses); two of them (the 20% the issues test) collude and add a fixed push of a third of the honest norm
     on the second half, the slow drift's recipe. Under norm_clip the push enters the version at the colluders'
-    share; under the default it is dropped wherever the honest members' signs do not happen to side with it (two
-    votes of ten tip a coordinate only when the eight honest ones lean the same way), while the agreed half moves
-    exactly as norm_clip moves it. A mitigation, not a filter: about two thirds of the push still passes here
-    (0.64-0.75 over the draws measured), as a slow drift's backdoor fell from 10.8% to 6.0%, not to 0."""
+    share; under the default (threshold 5 of 10: 8 members must agree) it is dropped wherever the honest members'
+    signs do not happen to side with it (the two colluders' votes count only with 6 of the 8 honest ones), while the
+    agreed half moves exactly as norm_clip moves it. A mitigation, not a filter: about two fifths of the push still
+    passes here (0.38 for this draw; 0.75 with the paper's threshold 4), as a slow drift's backdoor fell from 10.8%
+    under norm_clip to 4.3%, not to 0."""
     assert settings.rule == "robust_lr" and not settings.rule_params
     service = AggregatorService(settings)
     try:
@@ -249,18 +250,18 @@ def test_the_default_rule_drops_what_a_colluding_minority_pushes_and_keeps_what_
         new = service.handle_window(write_window(settings, deltas, 0))
         step = new.params.astype(np.float64) - current.params.astype(np.float64)
         info = new.meta["rule_info"]
-        assert new.meta["rule"] == "robust_lr" and info["threshold"] == 4 and "skipped" not in info, info
+        assert new.meta["rule"] == "robust_lr" and info["threshold"] == 5 and "skipped" not in info, info
 
         x = np.stack([delta.astype(np.float32) for delta in deltas]).astype(np.float64)
         clipped_mean = aggregate("norm_clip", x, sample_counts=np.full(10, 50.0)).vector
-        agreed = np.abs(np.sign(x).sum(axis=0)) >= 4
+        agreed = np.abs(np.sign(x).sum(axis=0)) >= 5
         assert agreed[:half].mean() > 0.99  # the honest step is kept ...
         np.testing.assert_allclose(step[agreed], clipped_mean[agreed], rtol=0, atol=1e-6)
-        # ... and where the honest members disagree the push is dropped: along it the version moves less than 4/5 of
-        # what norm_clip lets in (0.75 for this draw), itself about the colluders' share of the push
+        # ... and where the honest members disagree the push is dropped: along it the version moves less than half of
+        # what norm_clip lets in (0.38 for this draw), itself about the colluders' share of the push
         along = push / np.linalg.norm(push)
         assert (clipped_mean @ along) > 0.5 * 0.2 * np.linalg.norm(push)
-        assert step @ along < 0.8 * (clipped_mean @ along), (step @ along, clipped_mean @ along)
+        assert step @ along < 0.5 * (clipped_mean @ along), (step @ along, clipped_mean @ along)
         assert np.all(step[~agreed] == 0)
     finally:
         service.close()

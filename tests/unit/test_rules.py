@@ -527,9 +527,9 @@ def test_robust_lr_gives_each_member_one_vote_whatever_its_sample_count():
     np.testing.assert_allclose(res.vector, mean * [-1, 1])
 
 
-def test_robust_lr_default_threshold_is_four_tenths_of_the_window_rounded_up():
+def test_robust_lr_default_threshold_is_half_the_window_rounded_up():
     rng = np.random.default_rng(5)
-    for n, theta in ((10, 4), (9, 4), (8, 4), (7, 3), (5, 2), (3, 2), (2, 1), (1, 1)):
+    for n, theta in ((10, 5), (9, 5), (8, 4), (7, 4), (6, 3), (5, 3), (4, 2), (3, 2), (2, 1), (1, 1)):
         x = rng.normal(size=(n, 40))
         res = robust_lr(x)
         assert res.info["threshold"] == theta, n
