@@ -109,13 +109,15 @@ def backdoor_target(default: list[dict[str, Any]], clean: float | None, label: s
             met = False
             continue
         worst = max(max_backdoor(c) or 0.0 for c in cells)
-        drop = None if clean is None else max(clean - c["final_main_accuracy"] for c in cells)
+        drops = [] if clean is None else [clean - c["final_main_accuracy"] for c in cells]
+        drop = max(drops) if drops else None  # the worst seed decides
         ok = worst <= MAX_BACKDOOR and drop is not None and drop <= MAX_MAIN_DROP
         met = met and ok
-        parts.append(f"{name}: backdoor max {pct(worst)} over {len(cells)} seed(s), main "
-                     + ("–" if drop is None else f"{-100 * drop:+.2f} pp") + ("" if ok else " (**not met**)"))
+        main = "–" if drop is None else f"{-100 * drop:+.2f} pp worst seed ({-100 * sum(drops) / len(drops):+.2f} mean)"
+        parts.append(f"{name}: backdoor max {pct(worst)} over {len(cells)} seed(s), main {main}"
+                     + ("" if ok else " (**not met**)"))
     return {"target": f"{label}: backdoor <= 5 % at every round under the backdoor attacks, final main within 1 point "
-                      "of clean fedavg", "measured": "; ".join(parts), "met": met}
+                      "of clean fedavg (every seed)", "measured": "; ".join(parts), "met": met}
 
 
 def robustness_target(default: list[dict[str, Any]], clean: float | None, label: str) -> dict[str, Any]:
@@ -189,17 +191,18 @@ def render(rep: dict[str, Any]) -> str:
         f"| default defence + audit (robust_lr, ensemble, Neural Cleanse), seeds 0-2 | `{DIRS['audit']}/` | "
         f"{counts['audit']} of 42 |",
         f"| default defence, audit off, seeds 0-2 | `{DIRS['default']}/` | {counts['default']} of 42 |",
-        f"| every rule x detection on/off, audit off, seed 0 | `{DIRS['matrix']}/` | {counts['matrix']} of 364 |",
+        f"| every rule x detection on/off, audit off, seed 0 | `{DIRS['matrix']}/` | {counts['matrix']} of 392 |",
         f"| the anchor: fedavg, no detection, model replacement at round {ANCHOR_ROUND}, seeds 0-2 | "
         f"`{DIRS['anchor']}/` | {counts['anchor']} of 3 |",
         f"| the default defence + audit against the anchor's attack, seeds 0-2 | `{DIRS['anchor_default']}/` | "
         f"{counts['anchor_default']} of 3 |",
         "",
-        "The ensemble cells of `eval/` (every rule, seed 0) were made before the behaviour detector "
-        "(docs/detection.md) and before `robust_lr` became a rule (it has none there; `eval-robust-lr/` compares it "
-        "with norm_clip under every attack, seeds 0-1, with the ensemble); the cells without detection there are "
-        "unaffected, and every target below reads the default defence's runs (re-run 2026-12-03 with the default "
-        "rule robust_lr, the behaviour detector and its quarantine rule) or cells without detection.", "",
+        "The ensemble cells of `eval/` for the 13 other rules (seed 0) were made before the behaviour detector "
+        "(docs/detection.md); its `robust_lr` cells (added 2026-12-04, the default threshold ceil(0.5 n)) and the "
+        "cells without detection are current. Every target below reads the default defence's runs (re-run "
+        "2026-12-04 with robust_lr's default threshold ceil(0.5 n), the behaviour detector and its quarantine rule) "
+        "or cells without detection. `eval-robust-lr/` compares robust_lr with its earlier threshold ceil(0.4 n) "
+        "and norm_clip under every attack, seeds 0-1.", "",
         "Each directory's `results.md` has the full table (final main accuracy, maximum and final backdoor accuracy, "
         "detection rates, mean ± sd over seeds) and its heat maps and per-cell curves (written when its run "
         "completes).", "",

@@ -53,7 +53,10 @@ def test_backdoor_target_takes_the_worst_round_of_every_seed_and_the_main_drop(e
     late = ok + [cell(attack="sybil", seed=2, backdoor=(0.01, 0.02, 0.051))]
     assert er.backdoor_target(late, 0.86, "x")["met"] is False
     slow = ok + [cell(attack="slow_drift", seed=2, main=0.8489)]
-    assert er.backdoor_target(slow, 0.86, "x")["met"] is False
+    result = er.backdoor_target(slow, 0.86, "x")
+    assert result["met"] is False  # one seed more than a point below decides, whatever the mean (-0.70)
+    assert "slow drift: backdoor max 5.0 % over 3 seed(s), main -1.11 pp worst seed (-0.70 mean) (**not met**)" \
+        in result["measured"]
     assert er.backdoor_target(ok, None, "x")["met"] is False  # no clean fedavg: cannot be judged
     missing = [c for c in ok if c["attack"] != "sybil"]
     result = er.backdoor_target(missing, 0.86, "x")
@@ -110,6 +113,6 @@ def test_report_reads_the_cell_files_and_renders(er, tmp_path):
     assert rep["targets"][0]["met"] is False  # the anchor run is missing; the matrix's cell is only shown
     assert "round 5 (the matrix, still learning): seed 0: 99.0 %" in rep["targets"][0]["measured"]
     text = er.render(rep)
-    assert "| `eval/` | 2 of 364 |" in text and "**NOT met**" in text
+    assert "| `eval/` | 2 of 392 |" in text and "**NOT met**" in text
     er.main(["--results", str(tmp_path), "--out", str(tmp_path / "eval.md")])
     assert (tmp_path / "eval.md").read_text() == text
