@@ -13,7 +13,8 @@
 #      robust_lr cells of eval-robust-lr/ were made on 2026-12-03 with the default threshold of then, ceil(0.4 n)
 #      (4 of 10; now ceil(0.5 n), eval-default/ has those runs); a rerun from scratch makes ceil(0.5 n) cells.
 #   6. slow drift over 100 rounds (the backdoor no detector sees, which the rule only slows): the default rule
-#      against norm_clip, with the ensemble, seeds 0 and 1, beside clean runs.
+#      against norm_clip, with the ensemble, seeds 0 and 1, beside clean runs; and the default defence with the audit
+#      on the seed that grew the strongest backdoor (does the audit catch it once it is large?).
 # Fashion-MNIST, 20% compromised devices from round 5, 30 rounds. `python bench/eval_report.py` then writes
 # bench/results/eval.md (the targets of issue 10 against these runs).
 set -euo pipefail
@@ -46,3 +47,6 @@ python -m fedguard.cli eval --task fashion-mnist --rounds 30 --fractions 0.2 --w
 python -m fedguard.cli eval --task fashion-mnist --rounds 100 --fractions 0.2 --workers "$WORKERS" \
     --attacks none,slow_drift --rules robust_lr,norm_clip --detection ensemble --seeds 0,1 \
     --out bench/results/eval-slow-drift-long "$@"
+python -m fedguard.cli eval --task fashion-mnist --rounds 100 --fractions 0.2 --workers 1 \
+    --attacks slow_drift --rules robust_lr --detection ensemble --seeds 1 --audit neural_cleanse \
+    --out bench/results/eval-slow-drift-long-audit "$@"
