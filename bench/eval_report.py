@@ -197,9 +197,9 @@ def render(rep: dict[str, Any]) -> str:
         f"| the default defence + audit against the anchor's attack, seeds 0-2 | `{DIRS['anchor_default']}/` | "
         f"{counts['anchor_default']} of 3 |",
         "",
-        "The ensemble cells of `eval/` for the 13 other rules (seed 0) were made before the behaviour detector "
-        "(docs/detection.md); its `robust_lr` cells (added 2026-12-04, the default threshold ceil(0.5 n)) and the "
-        "cells without detection are current. Every target below reads the default defence's runs (re-run "
+        "Every cell of `eval/` is current: the ensemble cells of the 13 other rules were re-run on 2026-12-04 "
+        "03:07-03:48 with the behaviour detector (docs/detection.md), and the `robust_lr` cells (the default "
+        "threshold ceil(0.5 n)) added. Every target below reads the default defence's runs (re-run "
         "2026-12-04 with robust_lr's default threshold ceil(0.5 n), the behaviour detector and its quarantine rule) "
         "or cells without detection. `eval-robust-lr/` compares robust_lr with its earlier threshold ceil(0.4 n) "
         "and norm_clip under every attack, seeds 0-1.", "",
