@@ -230,8 +230,8 @@ def test_the_default_rule_drops_what_a_colluding_minority_pushes_and_keeps_what_
     share; under the default (threshold 5 of 10: 8 members must agree) it is dropped wherever the honest members'
     signs do not happen to side with it (the two colluders' votes count only with 6 of the 8 honest ones), while the
     agreed half moves exactly as norm_clip moves it. A mitigation, not a filter: about two fifths of the push still
-    passes here (0.38 for this draw; 0.75 with the paper's threshold 4), as a slow drift's backdoor fell from 10.8%
-    under norm_clip to 4.3%, not to 0."""
+    passes here (0.38 for this draw; 0.75 with the paper's threshold 4), as a slow drift's backdoor (mean of the
+    maxima of seeds 0-1, 30 rounds) fell from 10.8% under norm_clip to 4.0%, not to 0."""
     assert settings.rule == "robust_lr" and not settings.rule_params
     service = AggregatorService(settings)
     try:
