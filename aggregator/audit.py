@@ -39,6 +39,13 @@ For each output class ``t`` the audit reverse-engineers the smallest trigger tha
   only ~20% below the median: in two clean 40-version digits runs, 3 versions after round 3 had index 2.2-2.3 at
   ratios 0.77-0.82, while every digits version with backdoor accuracy >= 50% had ratio <= 0.64 (docs/audit.md). On
   Fashion-MNIST a backdoored class sits at ~0.2 of the median.
+* Added here: with a reference (below), the absolute test also needs the class to have become small: its norm
+  relative to the median class, over the same in the reference, ``(n_t / median(n)) / (ref_t / median(ref))``,
+  at most ``abs_drop_ratio`` (0.87). Fashion-MNIST's class 1 (trouser) has a naturally small trigger: in 378
+  clean versions of 14 seeds under the default defence it sat at 0.61-0.75 of the median with index up to 3.2,
+  and 18 of them (4.8 per 100) passed the two conditions above, each at a relative ratio of 0.89-0.98 to its own
+  reference; the absolute flags of real constrain-and-scale backdoors (digits) had 0.66-0.84, and Fashion-MNIST
+  backdoors flagged by it sit at 0.14-0.43 of the median, from ~1 (docs/audit.md, "A class that is always small").
 
 Differential audit (new here; derived from the same measurement)
 ----------------------------------------------------------------
@@ -130,6 +137,7 @@ class AuditConfig:
     attack_success: float = 0.99
     threshold: float = 2.0
     abs_max_ratio: float = 0.7
+    abs_drop_ratio: float = 0.87
     drop_ratio: float = 0.7
     diff_threshold: float = 3.0
     diff_mad_floor: float = 0.05
@@ -154,6 +162,8 @@ class AuditConfig:
             raise ValueError(f"AuditConfig.attack_success must be in (0, 1], got {self.attack_success!r}")
         if not 0 < self.abs_max_ratio <= 1:
             raise ValueError(f"AuditConfig.abs_max_ratio must be in (0, 1], got {self.abs_max_ratio!r}")
+        if not 0 < self.abs_drop_ratio <= 1:
+            raise ValueError(f"AuditConfig.abs_drop_ratio must be in (0, 1], got {self.abs_drop_ratio!r}")
         if not 0 < self.drop_ratio < 1:
             raise ValueError(f"AuditConfig.drop_ratio must be in (0, 1), got {self.drop_ratio!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -221,6 +231,8 @@ class AuditResult:
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     config: AuditConfig = field(default_factory=AuditConfig)
+    # (K,) the class's norm relative to the median class, over the same in the reference; None without a reference
+    relative_ratios: np.ndarray | None = None
 
     @property
     def is_flagged(self) -> bool:
@@ -248,6 +260,7 @@ class AuditResult:
             "max_anomaly_index": _finite_or_none(float(np.max(self.anomaly))),
             "ratios": floats(self.ratios, 4),
             "diff_anomaly": floats(self.diff_anomaly, 3),
+            "relative_ratios": floats(self.relative_ratios, 4),
             "steps": int(self.steps),
             "truncated": bool(self.truncated),
             "seconds": round(float(self.seconds), 4),
@@ -434,9 +447,13 @@ def audit_model(model: nn.Module, x_audit: np.ndarray, config: AuditConfig | Non
     anomaly = anomaly_index(norms)
     candidates: dict[int, set[str]] = {}
     small = norms <= config.abs_max_ratio * float(np.median(norms))
+    ratios = diff = relative = None
+    if ref is not None:
+        # a class that has always been the small one (its natural trigger) is not a new shortcut
+        relative = (norms / float(np.median(norms))) / (ref / float(np.median(ref)))
+        small &= relative <= config.abs_drop_ratio
     for t in np.flatnonzero((anomaly > config.threshold) & small):
         candidates.setdefault(int(t), set()).add("absolute")
-    ratios = diff = None
     if ref is not None:
         ratios = norms / ref
         diff = anomaly_index(np.log(ratios), mad_floor=config.diff_mad_floor)
@@ -448,7 +465,7 @@ def audit_model(model: nn.Module, x_audit: np.ndarray, config: AuditConfig | Non
     return AuditResult(norms=norms, attack_success=success, anomaly=anomaly, ratios=ratios, diff_anomaly=diff,
                        flagged=flagged, reasons=reasons, trigger=trigger, masks=masks, patterns=patterns,
                        steps=steps, truncated=truncated, seconds=time.perf_counter() - t0,
-                       cpu_seconds=time.process_time() - c0, config=config)
+                       cpu_seconds=time.process_time() - c0, config=config, relative_ratios=relative)
 
 
 # ------------------------------------------------------------------------------------------------- attribution

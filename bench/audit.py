@@ -540,7 +540,7 @@ def notes(report: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clean-seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--clean-seeds", type=int, nargs="+", default=list(range(8)))
     p.add_argument("--attack-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS))

@@ -151,8 +151,8 @@ def render(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`  ",
         f"Date: {report['date']}, {report['wall_min']:.1f} min on {report['workers']} workers; {m['cpu']} "
         f"({m['nproc']} CPUs), torch {m['torch']}, load {m['load_start']} -> {m['load_end']}.", "",
-        "Clean runs (no attacker), the live defaults (rule fedavg, detection ensemble, reputation with the strike "
-        "rule). Every member is honest: any flag is a false positive. `fp`: flagged (downweight or reject) / honest "
+        f"Clean runs (no attacker), the live defaults (rule {report.get('rule', '?')}, detection "
+        f"{report.get('detection', '?')}, reputation with the strike rule). Every member is honest: any flag is a false positive. `fp`: flagged (downweight or reject) / honest "
         "members; `direction: pairwise / centre / z / reversal`: members for which that test of the direction detector "
         "fired; `pairwise median`, `cosine mean`: the members' pairwise scores (median cosine to the other members) "
         "and the raw cosine between two members of a window, averaged over seeds; `fp by third`: the flagged share "
@@ -207,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(res['quarantined'])} quarantined; {elapsed / 60:.1f} min elapsed, about "
                   f"{elapsed / i * (len(jobs) - i) / 60:.1f} min left", flush=True)
     runs.sort(key=lambda r: (r["task"], r["devices"], r["per_round"], r["seed"]))
+    from fedguard.simulation import SimulationConfig
+    defaults = SimulationConfig()
     report = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "wall_min": (time.perf_counter() - started) / 60, "workers": args.workers,
-              "machine": simulation_machine(load_start), "rows": aggregate(runs), "runs": runs}
+              "machine": simulation_machine(load_start), "rule": defaults.rule,
+              "detection": defaults.detection, "rows": aggregate(runs), "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(report))
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")

@@ -473,3 +473,27 @@ def test_screening_catches_a_backdoor_member_against_the_reversed_trigger(world,
     ref = attribute(parent, {**members, "clean": baseline}, world["clean"], trig, world["x_audit"])
     assert t["scores"] == pytest.approx({m: ref.scores[m] for m in members}, abs=1e-3)
     assert t["baseline"] == pytest.approx(ref.scores["clean"], abs=1e-3)
+
+
+def test_absolute_test_needs_the_class_to_have_become_small_against_the_reference(world, audits):
+    """A class whose trigger was already as small, relative to the other classes, in the reference (a class with a
+    naturally small trigger, e.g. Fashion-MNIST's trouser) is not flagged by the absolute test; one that became
+    small is."""
+    bad, clean = audits["backdoored"], audits["clean"]
+    assert bad.reasons == ["absolute"] and bad.relative_ratios is None  # no reference: Neural Cleanse's test alone
+    # against the clean model: class 0 became small -> absolute (and differential) flag
+    against_clean = audit_model(world["backdoored"], world["x_audit"], FAST, reference=clean)
+    q, q_ref = bad.norms / np.median(bad.norms), clean.norms / np.median(clean.norms)
+    np.testing.assert_allclose(against_clean.relative_ratios, q / q_ref)
+    assert against_clean.relative_ratios[0] <= FAST.abs_drop_ratio and "absolute" in against_clean.reasons
+    # against itself (the class was just as small before): every relative ratio is 1 -> no absolute flag
+    against_itself = audit_model(world["backdoored"], world["x_audit"], FAST, reference=bad)
+    np.testing.assert_allclose(against_itself.relative_ratios, 1.0)
+    assert against_itself.anomaly[0] > FAST.threshold and against_itself.flagged is None
+    # the bound is inclusive and configurable: a ratio of exactly 1 passes with abs_drop_ratio = 1
+    from dataclasses import replace
+    loose = audit_model(world["backdoored"], world["x_audit"], replace(FAST, abs_drop_ratio=1.0), reference=bad)
+    assert loose.reasons == ["absolute"]
+    with pytest.raises(ValueError, match="abs_drop_ratio"):
+        replace(FAST, abs_drop_ratio=0.0)
+    assert json.dumps(against_clean.to_dict(), allow_nan=False)
