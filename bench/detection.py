@@ -4,7 +4,8 @@ quarantine, and the cost of one window at n = 100, d = 1M.
 Everything runs through :func:`fedguard.simulation.simulate`, i.e. the live pipeline's own sampling, training,
 attacks, validation rules, sketch, ensemble, reputation and aggregation, in process. The demo's configuration:
 Fashion-MNIST, 100 devices, Dirichlet(0.9), 10 per round, the tuned local training (``DEFAULT_TRAINING``), the
-live defaults for everything else (the default rule, ``Settings.rule``, detection ``ensemble``, sketch k = 1024, sample cap 1000).
+live defaults for everything else (the default rule, ``Settings.rule``, detection ``ensemble``, sketch k = 1024,
+sample cap 1000).
 
 * **Clean windows**: ``--clean-seeds`` x ``--clean-rounds`` rounds, no attack. FP of the ensemble = honest members
   whose verdict is not ``accept`` (``fp``) / is ``reject`` (``fp_reject``); per detector = honest members it

@@ -152,8 +152,8 @@ def render(report: dict[str, Any]) -> str:
         f"Date: {report['date']}, {report['wall_min']:.1f} min on {report['workers']} workers; {m['cpu']} "
         f"({m['nproc']} CPUs), torch {m['torch']}, load {m['load_start']} -> {m['load_end']}.", "",
         f"Clean runs (no attacker), the live defaults (rule {report.get('rule', '?')}, detection "
-        f"{report.get('detection', '?')}, reputation with the strike rule). Every member is honest: any flag is a false positive. `fp`: flagged (downweight or reject) / honest "
-        "members; `direction: pairwise / centre / z / reversal`: members for which that test of the direction detector "
+        f"{report.get('detection', '?')}, reputation with the strike rule). Every member is honest: any flag is a "
+        "false positive. `fp`: flagged (downweight or reject) / honest members; `direction: pairwise / centre / z / reversal`: members for which that test of the direction detector "
         "fired; `pairwise median`, `cosine mean`: the members' pairwise scores (median cosine to the other members) "
         "and the raw cosine between two members of a window, averaged over seeds; `fp by third`: the flagged share "
         "in the first, middle and last third of the rounds; `quarantined`: honest devices quarantined (all seeds).", "",
