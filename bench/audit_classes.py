@@ -10,7 +10,10 @@ judged, each class's trigger norm relative to the median class (``q``), its Neur
   digits, 10 devices, 5 per window, 40% compromised from round 5, 20 rounds), ``--digits-seeds`` (real flags);
 * **passive**: Fashion-MNIST backdoors under fedavg without detection with the audit's verdicts recorded but not
   acted on (a flagged candidate is served as if clean), ``--passive-seeds``: the scores of a backdoor the audit
-  does not stop, round after round.
+  does not stop, round after round;
+* **slow drift** against **clean, long**: the default defence over ``--long-rounds`` (100) under the library's slow
+  drift (20% compromised from round 5) and without an attacker, ``--long-seeds``: where the backdoor's target
+  class stands among the clean runs' scores when its backdoor accuracy first passes 10% (issue 9's bound).
 
 For each group it reports the versions that meet Neural Cleanse's two conditions (index > ``threshold``, norm <=
 ``abs_max_ratio`` of the median) and their ``rel``: the clean ones are false alarms unless ``rel`` rules them out.
@@ -18,6 +21,8 @@ For each group it reports the versions that meet Neural Cleanse's two conditions
 Usage (the committed results)::
 
     python bench/audit_classes.py --out bench/results/audit_classes.md
+    python bench/audit_classes.py --clean-seeds --digits-seeds --passive-seeds --long-seeds 0 1 \
+        --out bench/results/audit_slow_drift.md
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from _machine import simulation_machine  # noqa: E402
 DIGITS = {"task": "digits", "num_devices": 10, "per_round": 5, "attack": "constrain_and_scale", "fraction": 0.4,
           "rounds": 20}
 PASSIVE = [("constrain_and_scale", {}), ("badnets", {}), ("model_replacement", {"attack_start": 20})]
+GROUPS = ("clean", "digits", "passive", "clean-long", "slow-drift")
+BACKDOOR_BOUND = 0.10  # issue 9: a slow drifter quarantined before its backdoor accuracy passes 10%
 
 
 def run_one(job: tuple[str, dict[str, Any], bool]) -> dict[str, Any]:
@@ -101,6 +108,49 @@ def candidates(run: dict[str, Any], threshold: float, abs_max_ratio: float) -> l
     return out
 
 
+def crossing(run: dict[str, Any], bound: float = BACKDOOR_BOUND) -> dict[str, Any] | None:
+    """The first audited version whose backdoor accuracy (served version, true trigger) exceeds ``bound``."""
+    for a in run["audits"]:
+        if a["backdoor"] is not None and a["backdoor"] > bound:
+            return a
+    return None
+
+
+def slow_drift_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Where the slow drift's target class sits among the clean long runs' scores of the same class."""
+    slow = [r for r in runs if r["group"] == "slow-drift"]
+    clean = [r for r in runs if r["group"] == "clean-long"]
+    if not slow or not clean:
+        return []
+    from producers.attacks.registry import validate_params
+
+    target = int(validate_params("slow_drift")["target"])  # the library's default, as the runs used
+    judged = [a for r in clean for a in r["audits"] if a["verdict"] != "skipped"]
+    q_clean = [a["q"][target] for a in judged]
+    ai_clean = [a["anomaly"][target] for a in judged if a["anomaly"][target] is not None]
+    out = ["", f"Slow drift (target class {target}) against clean runs of the same length: class {target}'s `q` in "
+           f"{len(judged)} judged clean versions {span(q_clean)}, anomaly index "
+           f"{min(ai_clean):.2f} to {max(ai_clean):.2f}.", "",
+           f"| seed | rounds | first round backdoor > {BACKDOOR_BOUND:.0%} | class {target}'s q then | anomaly index "
+           f"then | rel then | max backdoor | class {target}'s q at the last round | flagged versions |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in slow:
+        a = crossing(r)
+        last = r["audits"][-1]
+        flagged = sum(1 for x in r["audits"] if x["verdict"] == "flagged")
+        peak = max((x["backdoor"] for x in r["audits"] if x["backdoor"] is not None), default=float("nan"))
+        if a is None:
+            cells = "never | - | - | -"
+        else:
+            ai = a["anomaly"][target]
+            rel = a["rel"][target] if a["rel"] else None
+            cells = (f"{a['round']} | {a['q'][target]:.2f} | {'-' if ai is None else f'{ai:.2f}'} | "
+                     f"{'-' if rel is None else f'{rel:.2f}'}")
+        out.append(f"| {r['config']['seed']} | {len(r['audits'])} | {cells} | {peak:.1%} | "
+                   f"{last['q'][target]:.2f} | {flagged} |")
+    return out
+
+
 def span(values: list[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
 
@@ -121,7 +171,7 @@ def render(report: dict[str, Any]) -> str:
              "| group | runs | judged versions | flagged (any test) | meet the two conditions | their classes | q | rel "
              "| backdoor accuracy of those (served version) |",
              "|---|---:|---:|---:|---:|---|---|---|---|"]
-    for group in ("clean", "digits", "passive"):
+    for group in GROUPS:
         runs = [r for r in report["runs"] if r["group"] == group]
         if not runs:
             continue
@@ -139,16 +189,20 @@ def render(report: dict[str, Any]) -> str:
                           for c in r["candidates"]) or "none"
         desc = r["config"].get("attack") or "clean"
         lines.append(f"* {r['group']} {desc} seed {r['config']['seed']}: {cells}")
+    lines += slow_drift_lines(report["runs"])
     lines += ["", "Raw per-version scores: the JSON file beside this one."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clean-seeds", type=int, nargs="+", default=list(range(20)))
-    p.add_argument("--digits-seeds", type=int, nargs="+", default=list(range(5)))
-    p.add_argument("--passive-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--clean-seeds", type=int, nargs="*", default=list(range(20)))
+    p.add_argument("--digits-seeds", type=int, nargs="*", default=list(range(5)))
+    p.add_argument("--passive-seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--long-seeds", type=int, nargs="*", default=[],
+                   help="seeds of the long runs: slow drift and clean, --long-rounds each")
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--long-rounds", type=int, default=100)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -160,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [("digits", {**DIGITS, "seed": s}, False) for s in args.digits_seeds]
     jobs += [("passive", {"rule": "fedavg", "detection": "none", "attack": kind, "rounds": args.rounds, "seed": s,
                           **extra}, True) for kind, extra in PASSIVE for s in args.passive_seeds]
+    for s in args.long_seeds:
+        jobs += [("slow-drift", {"attack": "slow_drift", "rounds": args.long_rounds, "seed": s}, False),
+                 ("clean-long", {"rounds": args.long_rounds, "seed": s}, False)]
+    if not jobs:
+        p.error("no runs: give seeds to at least one group (e.g. --long-seeds 0 1)")
     import os
 
     load_start = os.getloadavg()
@@ -173,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(jobs)}] {run['group']} seed {run['config']['seed']}: {len(run['candidates'])} versions "
                   f"meet the two conditions; {elapsed / 60:.1f} min elapsed, about "
                   f"{elapsed / i * (len(jobs) - i) / 60:.1f} min left", flush=True)
-    order = {"clean": 0, "digits": 1, "passive": 2}
+    order = {g: i for i, g in enumerate(GROUPS)}
     runs.sort(key=lambda r: (order[r["group"]], r["config"].get("attack") or "", r["config"]["seed"]))
     report = {"command": "python bench/audit_classes.py " + shlex.join(sys.argv[1:] if argv is None else argv),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
