@@ -128,9 +128,10 @@ def slow_drift_lines(runs: list[dict[str, Any]]) -> list[str]:
     judged = [a for r in clean for a in r["audits"] if a["verdict"] != "skipped"]
     q_clean = [a["q"][target] for a in judged]
     ai_clean = [a["anomaly"][target] for a in judged if a["anomaly"][target] is not None]
+    # spelt "to": a span of anomaly indices can start below zero
+    ai_span = f"{min(ai_clean):.2f} to {max(ai_clean):.2f}" if ai_clean else "-"
     out = ["", f"Slow drift (target class {target}) against clean runs of the same length: class {target}'s `q` in "
-           f"{len(judged)} judged clean versions {span(q_clean)}, anomaly index "
-           f"{min(ai_clean):.2f} to {max(ai_clean):.2f}.", "",
+           f"{len(judged)} judged clean versions {span(q_clean)}, anomaly index {ai_span}.", "",
            f"| seed | rounds | first round backdoor > {BACKDOOR_BOUND:.0%} | class {target}'s q then | anomaly index "
            f"then | rel then | max backdoor | class {target}'s q at the last round | flagged versions |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -203,8 +203,10 @@ def render(rep: dict[str, Any]) -> str:
         "| run | directory | cells finished |", "|---|---|---:|",
         f"| default defence + audit (robust_lr, ensemble, Neural Cleanse), seeds 0-2 | `{DIRS['audit']}/` | "
         f"{counts['audit']} of {planned['audit']} |",
-        f"| default defence, audit off, seeds 0-2 | `{DIRS['default']}/` | {counts['default']} of {planned['default']} |",
-        f"| every rule x detection on/off, audit off, seed 0 | `{DIRS['matrix']}/` | {counts['matrix']} of {planned['matrix']} |",
+        f"| default defence, audit off, seeds 0-2 | `{DIRS['default']}/` | "
+        f"{counts['default']} of {planned['default']} |",
+        f"| every rule x detection on/off, audit off, seed 0 | `{DIRS['matrix']}/` | "
+        f"{counts['matrix']} of {planned['matrix']} |",
         f"| the anchor: fedavg, no detection, model replacement at round {ANCHOR_ROUND}, seeds 0-2 | "
         f"`{DIRS['anchor']}/` | {counts['anchor']} of {planned['anchor']} |",
         f"| the default defence + audit against the anchor's attack, seeds 0-2 | `{DIRS['anchor_default']}/` | "
