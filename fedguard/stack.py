@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -66,9 +67,45 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
 
 
+_FALLBACK_EPHEMERAL_LOW = 32768  # Linux's default lower bound of net.ipv4.ip_local_port_range
+_FREE_PORT_SPAN = 16384
+_ports_handed_out: set[int] = set()
+_port_picker = random.Random()  # seeded from the OS: a test's random.seed() must not make two processes collide
+
+
+def ephemeral_port_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    """The first port the kernel hands out for bind(0) and outgoing connections."""
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _FALLBACK_EPHEMERAL_LOW
+
+
+def free_port_range(ephemeral_low: int) -> range:
+    """Where :func:`free_port` looks: the ports just below the kernel's ephemeral range (at least 1024 up)."""
+    return range(max(1024, ephemeral_low - _FREE_PORT_SPAN), max(1025, ephemeral_low - 1))
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as s:
+    """A loopback port nothing listens on right now, and that nothing else will be given meanwhile.
+
+    The port is picked below the kernel's ephemeral range: a port from bind(0) is one the kernel may give the next
+    outgoing connection or the next bind(0) of any process, and a stack takes its ports seconds before it binds them
+    (CI once found Prometheus's port taken by then). Never the same port twice in one process.
+    """
+    candidates = free_port_range(ephemeral_port_low())
+    for _ in range(200):
+        port = _port_picker.choice(candidates)
+        if port in _ports_handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_handed_out.add(port)
+        return port
+    with socket.socket() as s:  # the range is crowded: what the kernel offers
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
