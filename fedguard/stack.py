@@ -86,28 +86,41 @@ def free_port_range(ephemeral_low: int) -> range:
     return range(max(1024, ephemeral_low - _FREE_PORT_SPAN), max(1025, ephemeral_low - 1))
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on right now, and that nothing else will be given meanwhile.
+def free_port(span: int = 1) -> int:
+    """A loopback port nothing listens on right now, and that nothing else will be given meanwhile; with ``span``,
+    the first of ``span`` such consecutive ports (a pool of workers listens on base, base + 1 ...).
 
     The port is picked below the kernel's ephemeral range: a port from bind(0) is one the kernel may give the next
     outgoing connection or the next bind(0) of any process, and a stack takes its ports seconds before it binds them
     (CI once found Prometheus's port taken by then). Never the same port twice in one process.
     """
     candidates = free_port_range(ephemeral_port_low())
-    for _ in range(200):
-        port = _port_picker.choice(candidates)
-        if port in _ports_handed_out:
+    for attempt in range(400):
+        # Below the ephemeral range first; a machine whose range leaves little room below gets the kernel's offers.
+        port = _port_picker.choice(candidates) if attempt < 200 else _kernel_port()
+        ports = range(port, port + span)
+        if attempt < 200 and ports.stop > candidates.stop:
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _ports_handed_out.add(port)
+        if _ports_handed_out.intersection(ports) or not all(map(_bindable, ports)):
+            continue
+        _ports_handed_out.update(ports)
         return port
-    with socket.socket() as s:  # the range is crowded: what the kernel offers
+    raise RuntimeError(f"no {span} free consecutive loopback port(s) found; free some ports and try again")
+
+
+def _kernel_port() -> int:
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def redis_command(port: int, directory: Path | str, appendonly: bool = False) -> list[str]:

@@ -13,7 +13,6 @@ timing; the admission rule they rely on is also checked deterministically, on th
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -110,14 +109,7 @@ def test_records_redelivered_after_a_hand_over_get_the_same_answer_whatever_happ
 # -- helpers ----------------------------------------------------------------------------------------------------------
 def two_free_ports() -> int:
     """A port ``p`` such that ``p`` and ``p + 1`` are free now (worker i listens on base + i)."""
-    while True:
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
+    return free_port(span=2)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:

@@ -44,3 +44,23 @@ def test_a_port_something_listens_on_is_never_handed_out(monkeypatch):
         monkeypatch.setattr(stack._port_picker, "choice",
                             lambda candidates: next(offers, None) or real_choice(candidates))
         assert stack.free_port() != taken
+
+
+def test_a_span_gives_consecutive_free_ports_none_of_which_is_handed_out_again():
+    base = stack.free_port(span=3)
+    assert {base, base + 1, base + 2} <= stack._ports_handed_out
+    for port in range(base, base + 3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    assert not {stack.free_port() for _ in range(30)} & {base, base + 1, base + 2}
+
+
+def test_with_no_room_below_the_ephemeral_range_the_kernel_offers_ports(monkeypatch):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", stack.free_port()))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        monkeypatch.setattr(stack, "ephemeral_port_low", lambda: 1025)
+        monkeypatch.setattr(stack._port_picker, "choice", lambda candidates: taken)
+        port = stack.free_port()
+        assert port != taken and port not in stack.free_port_range(1025)
