@@ -94,18 +94,23 @@ def free_port(span: int = 1) -> int:
     outgoing connection or the next bind(0) of any process, and a stack takes its ports seconds before it binds them
     (CI once found Prometheus's port taken by then). Never the same port twice in one process.
     """
-    candidates = free_port_range(ephemeral_port_low())
-    for attempt in range(400):
-        # Below the ephemeral range first; a machine whose range leaves little room below gets the kernel's offers.
-        port = _port_picker.choice(candidates) if attempt < 200 else _kernel_port()
+    for port in _port_offers(span):
         ports = range(port, port + span)
-        if attempt < 200 and ports.stop > candidates.stop:
-            continue
-        if _ports_handed_out.intersection(ports) or not all(map(_bindable, ports)):
-            continue
-        _ports_handed_out.update(ports)
-        return port
+        if not _ports_handed_out.intersection(ports) and all(map(_bindable, ports)):
+            _ports_handed_out.update(ports)
+            return port
     raise RuntimeError(f"no {span} free consecutive loopback port(s) found; free some ports and try again")
+
+
+def _port_offers(span: int):
+    """Ports to try for :func:`free_port`: random ones whose whole span lies below the ephemeral range, then, for a
+    machine whose range leaves little room below, what the kernel offers."""
+    below = free_port_range(ephemeral_port_low())
+    fits = range(below.start, below.stop - span + 1)
+    for _ in range(200 if fits else 0):
+        yield _port_picker.choice(fits)
+    for _ in range(200):
+        yield _kernel_port()
 
 
 def _kernel_port() -> int:
